@@ -1,0 +1,2324 @@
+#!/usr/bin/env python3
+"""perdition -- a POP3 and IMAP4 proxy server.
+
+A user connects to perdition and logs in with USER/PASS or LOGIN.  perdition
+looks the user up in its popmap, connects to that user's real server, logs in
+there with the same credentials and from then on copies bytes both ways.
+
+This module is the whole server; drop it onto a machine and run
+
+    python3 perdition.py -P IMAP4S ...
+
+or invoke it under one of the names perdition.pop3, perdition.pop3s,
+perdition.imap4, perdition.imap4s or perdition.imaps (a symlink will do) to
+pick the protocol.  The manual page, man/perdition.8, describes every option.
+
+The sections follow the data: options and configuration; logging; user-name
+handling; back-end selection; TLS and connections; the two protocols; the
+session; the pump; the server and main().
+"""
+
+import encodings.idna  # noqa: F401  (imported now: no imports after setuid)
+import fcntl
+import grp
+import ipaddress
+import itertools
+import os
+import pwd
+import re
+import resource
+import select
+import signal
+import socket
+import socketserver
+import ssl
+import sys
+import syslog
+import tempfile
+import threading
+import time
+import traceback
+
+try:
+    import perdition_maps
+except ImportError:         # perdition.py alone works with -M ""
+    perdition_maps = None
+
+__version__ = "0.1"
+
+SYSCONFDIR = os.environ.get("PERDITION_SYSCONFDIR", "/etc/perdition")
+VAR_STATE_DIR = os.environ.get("PERDITION_VAR_STATE_DIR", "/var/run")
+
+MAX_LINE = 8192                 # longest command line before login (RFC 2683)
+MAX_LITERAL = 8192              # longest IMAP literal before login
+BUFFER_SIZE = 65536             # pump read size
+THREAD_STACK_SIZE = 256 * 1024  # so that thousands of sessions fit
+
+
+class OptionError(Exception):
+    """A bad option or configuration line; the text names it."""
+
+
+class LoginFailure(Exception):
+    """A login attempt failed; the text is the reason for the log.
+
+    The client is told `client_text` (or a generic failure) and may try again.
+    """
+
+    def __init__(self, reason, client_text=None):
+        super().__init__(reason)
+        self.client_text = client_text
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol so badly that the connection must end."""
+
+
+# ---------------------------------------------------------------------------
+# Options and configuration
+# ---------------------------------------------------------------------------
+
+PROTOCOLS = ("POP3", "POP3S", "IMAP4", "IMAP4S")
+STATES = ("servername_lookup", "local_authentication", "remote_login")
+LOG_PASSWD_STATES = ("never", "fail", "ok", "always")
+SSL_MODES = {
+    "none": set(),
+    "ssl_listen": {"ssl_listen"},
+    "ssl_outgoing": {"ssl_outgoing"},
+    "ssl_all": {"ssl_listen", "ssl_outgoing"},
+    "tls_listen": {"tls_listen"},
+    "tls_outgoing": {"tls_outgoing"},
+    "tls_all": {"tls_listen", "tls_outgoing"},
+    "tls_listen_force": {"tls_listen", "tls_listen_force"},
+    "tls_outgoing_force": {"tls_outgoing", "tls_outgoing_force"},
+    "tls_all_force": {"tls_listen", "tls_listen_force",
+                      "tls_outgoing", "tls_outgoing_force"},
+}
+SYSLOG_FACILITIES = ("auth", "authpriv", "cron", "daemon", "ftp", "kern",
+                     "lpr", "mail", "news", "syslog", "user", "uucp",
+                     "local0", "local1", "local2", "local3", "local4",
+                     "local5", "local6", "local7")
+# Per protocol: listen/outgoing port and capability defaults.
+PROTOCOL_DEFAULTS = {
+    "POP3": (110, "UIDL  USER"),
+    "POP3S": (995, "UIDL  USER"),
+    "IMAP4": (143, "IMAP4 IMAP4REV1"),
+    "IMAP4S": (993, "IMAP4 IMAP4REV1"),
+}
+PROGRAM_PROTOCOLS = {"pop3": "POP3", "pop3s": "POP3S", "imap4": "IMAP4",
+                     "imap4s": "IMAP4S", "imaps": "IMAP4S"}
+
+HOSTNAME_RE = re.compile(
+    r"(?=.{1,253}$)(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
+    r"(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?$")
+
+
+def parse_flag(value):
+    if value in (None, "", "1", "yes", "on", "true"):
+        return True
+    if value in ("0", "no", "off", "false"):
+        return False
+    raise OptionError("takes no value (or yes/no), not %r" % value)
+
+
+def parse_seconds(value):
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise OptionError("needs a whole number of seconds >= 0, not %r"
+                          % value)
+    return number
+
+
+def parse_count(value):
+    return parse_seconds(value)
+
+
+def parse_port(value):
+    """A port number or a service name from /etc/services."""
+    if value.isdigit():
+        port = int(value)
+        if 0 < port < 65536:
+            return port
+        raise OptionError("port %s is out of range" % value)
+    try:
+        return socket.getservbyname(value, "tcp")
+    except OSError:
+        raise OptionError("unknown port name %r" % value) from None
+
+
+def parse_host(host):
+    """A host name or an IP address literal; nothing that could smuggle."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if not HOSTNAME_RE.match(host):
+        raise OptionError("invalid host name %r" % host)
+    return host
+
+
+def split_host_port(text):
+    """Split host[:port], [v6]:port or a bare IPv6 address."""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise OptionError("invalid address %r" % text)
+        return host, rest[1:] or None
+    if text.count(":") > 1:
+        return text, None
+    host, _, port = text.partition(":")
+    return host, port or None
+
+
+def parse_servers(value):
+    """SERVER[,SERVER...] with SERVER host[:port] -> [(host, port|None)]."""
+    servers = []
+    for item in filter(None, (v.strip() for v in value.split(","))):
+        host, port = split_host_port(item)
+        servers.append((parse_host(host),
+                        parse_port(port) if port else None))
+    return servers
+
+
+def parse_states(value, depth=False):
+    """STATE[,STATE...] (and with `depth` a trailing ,STRIP_DEPTH)."""
+    states, strip_depth = set(), 1
+    for word in filter(None, (v.strip() for v in value.split(","))):
+        if depth and word.isdigit():
+            strip_depth = int(word)
+        elif word == "all":
+            states.update(STATES)
+        elif word in STATES:
+            states.add(word)
+        else:
+            raise OptionError("unknown state %r (valid: %s, all)"
+                              % (word, ", ".join(STATES)))
+    return (frozenset(states), strip_depth) if depth else frozenset(states)
+
+
+def parse_add_domain(value):
+    return parse_states(value, depth=True)
+
+
+def parse_choice(choices):
+    def parse(value):
+        if value.lower() not in choices:
+            raise OptionError("must be one of %s, not %r"
+                              % (", ".join(choices), value))
+        return value.lower()
+    return parse
+
+
+def parse_protocol(value):
+    if value.upper() not in PROTOCOLS:
+        raise OptionError("unknown protocol %r (available: %s)"
+                          % (value, ", ".join(PROTOCOLS)))
+    return value.upper()
+
+
+def parse_ssl_mode(value):
+    modes = set()
+    for word in filter(None, (v.strip() for v in value.split(","))):
+        if word not in SSL_MODES:
+            raise OptionError("unknown ssl_mode %r (valid: %s)"
+                              % (word, ", ".join(SSL_MODES)))
+        modes |= SSL_MODES[word]
+    if {"ssl_listen", "tls_listen"} <= modes or \
+            {"ssl_outgoing", "tls_outgoing"} <= modes:
+        raise OptionError("SSL and TLS cannot both be used on one side")
+    return frozenset(modes)
+
+
+def parse_log_facility(value):
+    if not value.startswith("/") and value not in ("-", "+") \
+            and value.lower() not in SYSLOG_FACILITIES:
+        raise OptionError("unknown syslog facility %r" % value)
+    return value
+
+
+def parse_pid_file(value):
+    if value and not value.startswith("/"):
+        raise OptionError("must be a full path starting with '/'")
+    return value
+
+
+def parse_query_key(value):
+    """FORMAT[,FORMAT...]; each checked for unknown escapes now."""
+    formats = [f for f in value.split(",") if f]
+    for fmt in formats:
+        for match in re.finditer(r"\\(.?)", fmt):
+            if match.group(1) not in "UuDdiIpP\\" or not match.group(1):
+                raise OptionError("unknown escape %r in query_key"
+                                  % match.group(0))
+    return formats
+
+
+class Option:
+    """One row of the option table: everything about one option."""
+
+    def __init__(self, short, long, arg, default, help, parse=str,
+                 aliases=()):
+        self.short, self.long, self.arg = short, long, arg
+        self.default, self.help, self.parse = default, help, parse
+        self.aliases = aliases
+
+    @property
+    def names(self):
+        return "%s--%s" % ("-%s, " % self.short if self.short else "",
+                           ", --".join((self.long,) + self.aliases))
+
+
+FLAG = parse_flag
+# The option table: short name, long name, argument, default, help, parser.
+# --help, the configuration file, the man page and the sample configuration
+# are all made from it.  A default of None is derived from the protocol.
+OPTIONS = [
+    Option("A", "add_domain", "STATE[,STATE...][,STRIP_DEPTH]", "",
+           "Append a domain to the user name in the given states: the "
+           "reverse lookup of the address the client connected to, less "
+           "STRIP_DEPTH leading labels (default 1), or --explicit_domain.",
+           parse_add_domain),
+    Option(None, "authentication_timeout", "SECONDS", "1800",
+           "Idle timeout while the user is unauthenticated; 0 for none.",
+           parse_seconds, aliases=("authenticate_timeout",)),
+    Option("a", "authenticate_in", None, "",
+           "Authenticate the user locally (PAM) before connecting to the "
+           "real server.", FLAG),
+    Option("B", "no_bind_banner", None, "",
+           "Use the uname host name in the greeting, not the reverse lookup "
+           "of --bind_address.", FLAG),
+    Option("b", "bind_address", "SERVER[,SERVER...]", "",
+           "Listen on these addresses, each host[:port] ([v6]:port); the "
+           "port defaults to --listen_port.  Empty: all addresses.",
+           parse_servers),
+    Option("C", "connection_logging", None, "",
+           "Log the authentication-phase dialogue (with -d only).", FLAG),
+    Option(None, "connect_relog", "SECONDS", "300",
+           "How often to log the connection again, for POP/IMAP before "
+           "SMTP; 0 for never.", parse_seconds),
+    Option("c", "client_server_specification", None, "",
+           "Allow USER of the form user<delimiter>server[:port] to choose "
+           "the server.", FLAG),
+    Option("D", "domain_delimiter", "STRING", "@",
+           "Delimiter between user name and domain."),
+    Option("d", "debug", None, "", "Turn on verbose debugging.", FLAG),
+    Option("e", "explicit_domain", "STRING", "",
+           "With -A, use STRING as the domain instead of the reverse lookup "
+           "of the address connected to."),
+    Option("F", "log_facility", "FACILITY", "mail",
+           "Syslog facility; a path starting with '/' is a file, '-' is "
+           "stdout and '+' is stderr.", parse_log_facility),
+    Option("f", "config_file", "FILENAME", "",
+           "Configuration file; default <sysconfdir>/<basename>.conf, then "
+           "perdition.<protocol>.conf, then perdition.conf."),
+    Option("g", "group", "GROUP", "nobody", "Group to run as."),
+    Option("h", "help", None, "", "Display this message.", FLAG),
+    Option("I", "capability", "STRING", None,
+           "Capabilities: POP3 ones separated by two spaces (default "
+           "\"UIDL  USER\"), IMAP4 ones by a space (default "
+           "\"IMAP4 IMAP4REV1\").",
+           aliases=("pop_capability", "imap_capability")),
+    Option("i", "inetd_mode", None, "", "Run in inetd mode.", FLAG),
+    Option("L", "connection_limit", "LIMIT", "0",
+           "Maximum simultaneous connections; 0 for no limit.", parse_count),
+    Option("l", "listen_port", "PORT_NUMBER|PORT_NAME", None,
+           "Port to listen on (default 110, 995, 143 and 993 for POP3, "
+           "POP3S, IMAP4 and IMAP4S).", parse_port),
+    Option(None, "login_disabled", None, "",
+           "Do not allow users to log in; adds LOGINDISABLED in IMAP4.",
+           FLAG),
+    Option(None, "log_passwd", "STATE", "never",
+           "Log the password: never, fail, ok or always; otherwise XXXXXX.",
+           parse_choice(LOG_PASSWD_STATES)),
+    Option(None, "lower_case", "STATE[,STATE...]", "",
+           "Convert user names to lower case in the given states.",
+           parse_states),
+    Option("M", "map_library", "FILENAME",
+           "/usr/lib/libperditiondb_gdbm.so.0",
+           "Map library (a built-in name, a libperditiondb_<name>.so path "
+           "or a Python file); empty for no map."),
+    Option("m", "map_library_opt", "STRING", "",
+           "Option string passed to the map library."),
+    Option(None, "no_daemon", None, "", "Do not detach from terminal.",
+           FLAG),
+    Option("n", "no_lookup", None, "",
+           "Do not resolve host or port names from maps; implies "
+           "--no_bind_banner.", FLAG),
+    Option("O", "ok_line", "STRING", "You are so in",
+           "OK line sent to the client after a successful login."),
+    Option("o", "server_resp_line", None, "",
+           "Send the real server's response line to the client instead of "
+           "the OK line.", FLAG, aliases=("server_ok_line",)),
+    Option("P", "protocol", "PROTOCOL", "POP3",
+           "Protocol: POP3, POP3S, IMAP4 or IMAP4S.", parse_protocol),
+    Option("p", "outgoing_port", "PORT", None,
+           "Default real-server port (defaults as --listen_port).",
+           parse_port),
+    Option("s", "outgoing_server", "SERVER[,SERVER...]", "",
+           "Servers for users not in the popmap, host[:port], used in round "
+           "robin.", parse_servers),
+    Option(None, "pid_file", "FILENAME", None,
+           "Pid file, a full path; empty for none (default "
+           "<var_state_dir>/<basename>/<basename>.pid).", parse_pid_file),
+    Option("S", "strip_domain", "STATE[,STATE...]", "",
+           "Strip <delimiter>domain from the user name in the given states.",
+           parse_states),
+    Option("t", "timeout", "SECONDS", "1800",
+           "Idle timeout after authentication; 0 for none.", parse_seconds),
+    Option("u", "username", "USERNAME", "nobody", "User to run as."),
+    Option("U", "username_from_database", None, "",
+           "Log in to the real server with the user name from the popmap "
+           "answer user<delimiter>host.", FLAG),
+    Option("q", "quiet", None, "", "Only log errors (overridden by -d).",
+           FLAG),
+    Option(None, "query_key", "FORMAT[,FORMAT...]", "",
+           "Popmap keys to try in order; escapes \\U \\u \\D \\d \\i \\I "
+           "\\p \\P \\\\ (default \\U).", parse_query_key),
+    Option(None, "ssl_mode", "MODE", None,
+           "Comma list of none, ssl_listen, ssl_outgoing, ssl_all, "
+           "tls_listen, tls_outgoing, tls_all, tls_listen_force, "
+           "tls_outgoing_force, tls_all_force (POP3S/IMAP4S: ssl_all).",
+           parse_ssl_mode),
+    Option(None, "ssl_ca_chain_file", "FILENAME", "",
+           "CA certificates that complete the chain of --ssl_cert_file; "
+           "overrides --ssl_ca_file and --ssl_ca_path."),
+    Option(None, "ssl_ca_file", "FILENAME",
+           SYSCONFDIR + "/perdition.ca.pem",
+           "CA certificates to verify real servers with."),
+    Option(None, "ssl_ca_path", "PATHNAME", SYSCONFDIR + "/perdition.ca/",
+           "Directory of CA certificates (c_rehash) to verify real servers "
+           "with."),
+    Option(None, "ssl_ca_accept_self_signed", None, "",
+           "Accept self-signed certificate authorities.", FLAG),
+    Option(None, "ssl_cert_file", "FILENAME",
+           SYSCONFDIR + "/perdition.crt.pem",
+           "Certificate (PEM) for listening for SSL or TLS."),
+    Option(None, "ssl_cert_accept_self_signed", None, "",
+           "Accept self-signed real-server certificates.", FLAG),
+    Option(None, "ssl_cert_accept_expired", None, "",
+           "Accept expired certificates.", FLAG),
+    Option(None, "ssl_cert_accept_not_yet_valid", None, "",
+           "Accept certificates that are not yet valid.", FLAG),
+    Option(None, "ssl_cert_verify_depth", "DEPTH", "9",
+           "Chain depth to verify real-server certificates to.",
+           parse_count),
+    Option(None, "ssl_key_file", "FILENAME",
+           SYSCONFDIR + "/perdition.key.pem",
+           "Private key (PEM) for listening for SSL or TLS."),
+    Option(None, "ssl_listen_ciphers", "STRING", "",
+           "Cipher list for the listening side; empty: OpenSSL's default."),
+    Option(None, "ssl_outgoing_ciphers", "STRING", "",
+           "Cipher list for the outgoing side; empty: OpenSSL's default."),
+    Option(None, "ssl_no_cert_verify", None, "",
+           "Do not verify the real server's certificate.", FLAG),
+    Option(None, "ssl_no_cn_verify", None, "",
+           "Do not verify the real server's name against its certificate.",
+           FLAG),
+]
+OPTIONS_BY_NAME = {}
+for _option in OPTIONS:
+    for _name in (_option.short, _option.long) + _option.aliases:
+        if _name:
+            OPTIONS_BY_NAME[_name] = _option
+del _option, _name
+NOT_IN_CONFIG_FILE = ("help", "config_file")
+
+
+def program_name(argv0):
+    """The basename perdition runs under, e.g. 'perdition.imap4s'."""
+    name = os.path.basename(argv0 or "perdition")
+    return name[:-3] if name.endswith(".py") else name
+
+
+def parse_command_line(args):
+    """Split the command line into [(Option, raw value)] in order."""
+    settings = []
+    args = list(args)
+    while args:
+        arg = args.pop(0)
+        if arg == "--":
+            if args:
+                raise OptionError("unexpected argument %r" % args[0])
+            break
+        if arg.startswith("--"):
+            name, has_value, value = arg[2:].partition("=")
+            option = OPTIONS_BY_NAME.get(name)
+            if option is None or len(name) == 1:
+                raise OptionError("unknown option --%s" % name)
+            if option.arg is None:
+                settings.append((option, value if has_value else None))
+                continue
+            if not has_value:
+                if not args:
+                    raise OptionError("option --%s needs %s"
+                                      % (name, option.arg))
+                value = args.pop(0)
+            settings.append((option, value))
+        elif arg.startswith("-") and len(arg) > 1:
+            letters = arg[1:]
+            while letters:
+                letter, letters = letters[0], letters[1:]
+                option = OPTIONS_BY_NAME.get(letter)
+                if option is None or option.short != letter:
+                    raise OptionError("unknown option -%s" % letter)
+                if option.arg is None:
+                    settings.append((option, None))
+                    continue
+                if not letters:
+                    if not args:
+                        raise OptionError("option -%s needs %s"
+                                          % (letter, option.arg))
+                    letters = args.pop(0)
+                settings.append((option, letters))
+                break
+        else:
+            raise OptionError("unexpected argument %r" % arg)
+    return settings
+
+
+def read_config_file(path):
+    """Read perdition's configuration file syntax into [(line, key, value)].
+
+    Keys are short or long option names; '#' starts a comment; a backslash
+    makes the next character literal and joins lines; '...' is all literal
+    and "..." is literal but for '"'.  A key alone is a flag (value None).
+    """
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        text = f.read()
+    entries, chars, lineno, start_line = [], [], 1, 1
+    i, quote = 0, None
+    while i <= len(text):
+        c = text[i] if i < len(text) else "\n"
+        i += 1
+        if quote:
+            if c == quote:
+                quote = None
+            elif c == "\n" and i > len(text):
+                raise OptionError("%s:%d: unterminated quote"
+                                  % (path, start_line))
+            else:
+                lineno += c == "\n"
+                chars.append((c, True))
+            continue
+        if c == "\\":
+            nxt = text[i] if i < len(text) else ""
+            i += 1
+            if nxt == "\n":
+                lineno += 1
+            elif nxt:
+                chars.append((nxt, True))
+            continue
+        if c in "'\"":
+            quote = c
+            chars.append(("", True))    # marks an explicit (maybe empty) value
+            continue
+        if c == "#":        # a comment, continued by a final backslash
+            while i < len(text) and text[i] != "\n":
+                if text[i] == "\\" and text[i + 1:i + 2] == "\n":
+                    i += 1
+                    lineno += 1
+                i += 1
+            continue
+        if c != "\n":
+            chars.append((c, False))
+            continue
+        entry = split_config_line(chars)
+        if entry:
+            entries.append((start_line,) + entry)
+        chars, lineno = [], lineno + 1
+        start_line = lineno
+    return entries
+
+
+def split_config_line(chars):
+    """[(char, literal)] of one logical line -> (key, value|None) or None."""
+    while chars and not chars[0][1] and chars[0][0].isspace():
+        chars.pop(0)
+    while chars and not chars[-1][1] and chars[-1][0].isspace():
+        chars.pop()
+    if not chars:
+        return None
+    split = next((n for n, (c, literal) in enumerate(chars)
+                  if not literal and c.isspace()), len(chars))
+    key = "".join(c for c, _ in chars[:split])
+    rest = chars[split:]
+    while rest and not rest[0][1] and rest[0][0].isspace():
+        rest.pop(0)
+    value = "".join(c for c, _ in rest) if rest else None
+    return key, value
+
+
+class Config:
+    """The parsed options: one attribute per long option name."""
+
+    def __init__(self, argv=None):
+        argv = sys.argv if argv is None else argv
+        self.basename = program_name(argv[0] if argv else "perdition")
+        command_line = parse_command_line(argv[1:])
+        self.set_defaults()
+        given = {}
+        for option, value in command_line:
+            given[option.long] = self.apply(option, value, "option %s"
+                                            % option.names.split(",")[0])
+        self.given = set(given)
+        if self.help:
+            return
+        protocol = given.get("protocol") or PROGRAM_PROTOCOLS.get(
+            self.basename.partition(".")[2].lower(), "POP3")
+        self.protocol = protocol
+        self.config_file = self.find_config_file(given.get("config_file"))
+        if self.config_file:
+            self.read_file(self.config_file)
+            for option, value in command_line:  # the command line wins
+                self.apply(option, value, "option %s"
+                           % option.names.split(",")[0])
+        self.derive()
+
+    def set_defaults(self):
+        for option in OPTIONS:
+            value = option.default
+            if option.arg is None:
+                value = False
+            elif value is not None:
+                value = option.parse(value)
+            setattr(self, option.long, value)
+
+    @staticmethod
+    def apply_value(option, value):
+        if option.arg is None:
+            return parse_flag(value)
+        if value is None:
+            raise OptionError("needs %s" % option.arg)
+        return option.parse(value)
+
+    def apply(self, option, value, where):
+        try:
+            parsed = self.apply_value(option, value)
+        except OptionError as e:
+            raise OptionError("%s: %s" % (where, e)) from None
+        setattr(self, option.long, parsed)
+        return parsed
+
+    def find_config_file(self, explicit):
+        if explicit is not None:
+            return explicit
+        for name in (self.basename + ".conf",
+                     "perdition.%s.conf" % self.protocol.lower(),
+                     "perdition.conf"):
+            path = os.path.join(SYSCONFDIR, name)
+            if os.path.isfile(path):
+                return path
+        return ""
+
+    def read_file(self, path):
+        try:
+            entries = read_config_file(path)
+        except OSError as e:
+            raise OptionError("%s: %s" % (path, e.strerror)) from None
+        for lineno, key, value in entries:
+            option = OPTIONS_BY_NAME.get(key)
+            if option is None:
+                raise OptionError("%s:%d: unknown option %r"
+                                  % (path, lineno, key))
+            if option.long in NOT_IN_CONFIG_FILE:
+                continue
+            self.apply(option, value, "%s:%d: %s" % (path, lineno, key))
+
+    def derive(self):
+        """Fill in what depends on other options; check combinations."""
+        port, capability = PROTOCOL_DEFAULTS[self.protocol]
+        if self.listen_port is None:
+            self.listen_port = port
+        if self.outgoing_port is None:
+            self.outgoing_port = port
+        if self.capability is None:
+            self.capability = capability
+        if self.ssl_mode is None:
+            self.ssl_mode = frozenset(SSL_MODES["ssl_all"]
+                                      if self.protocol.endswith("S") else ())
+        if self.pid_file is None:
+            self.pid_file = os.path.join(VAR_STATE_DIR, self.basename,
+                                         self.basename + ".pid")
+        if not self.query_key:
+            self.query_key = ["\\U"]
+        if self.no_lookup:
+            self.no_bind_banner = True
+        if self.authenticate_in:
+            raise OptionError("option -a, --authenticate_in: local (PAM) "
+                              "authentication is not available yet")
+        self.is_imap = self.protocol.startswith("IMAP")
+        self.daemon = not (self.no_daemon or self.inetd_mode
+                           or self.log_facility in ("-", "+"))
+
+    def summary(self):
+        """The start-up parameters, one line, for the log."""
+        return ", ".join("%s=%s" % (o.long, format_value(getattr(self,
+                                                                 o.long)))
+                         for o in OPTIONS if o.long != "help")
+
+
+def format_value(value):
+    if isinstance(value, (set, frozenset)):
+        return ",".join(sorted(value))
+    if isinstance(value, tuple):
+        return "%s,%d" % (format_value(value[0]), value[1])
+    if isinstance(value, list):
+        return ",".join(host if port is None else "%s:%s" % (host, port)
+                        if isinstance(host, str) else str(host)
+                        for host, port in value) \
+            if value and isinstance(value[0], tuple) else ",".join(value)
+    return '"%s"' % value if isinstance(value, str) else str(value)
+
+
+def usage(basename):
+    """--help: every option from the table, with its default."""
+    lines = ["perdition %s -- POP3 and IMAP4 proxy server" % __version__,
+             "usage: %s [options]" % basename, ""]
+    for option in OPTIONS:
+        head = option.names + (" " + option.arg if option.arg else "")
+        lines.append(head + ":")
+        if option.default is None:     # the help text gives the default
+            lines.append("    " + option.help)
+        else:
+            lines.append("    %s (default %s)" % (option.help, "off"
+                         if option.arg is None else '"%s"' % option.default))
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------
+
+_UNPRINTABLE = re.compile(r'[\x00-\x1f\x7f-\x9f"\\]|[\ud800-\udfff]')
+
+
+def log_text(text):
+    """User-supplied text made safe for a log line: no one forges a line.
+
+    Control characters, quotes and backslashes are escaped, so a CR or LF in
+    a user name cannot start a new log entry and a '"' cannot end a field.
+    """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "surrogateescape")
+    return _UNPRINTABLE.sub(lambda m: "\\%s" % m.group() if m.group() in
+                            '"\\' else "\\x%02x" % (ord(m.group()) & 0xff),
+                            text)
+
+
+class Log:
+    """Logs to syslog, a file, stdout or stderr as -F says.
+
+    Before the options are read, errors go to stderr.  Levels follow the
+    manual: -q logs only errors, -d adds debugging messages.
+    """
+
+    def __init__(self):
+        self.ident = "perdition"
+        self.stream = sys.stderr
+        self.use_syslog = False
+        self.debug_enabled = False
+        self.quiet = False
+        self.lock = threading.Lock()
+
+    def configure(self, config):
+        self.ident = config.basename
+        self.debug_enabled = config.debug
+        self.quiet = config.quiet and not config.debug
+        facility = config.log_facility
+        if facility == "-":
+            self.stream = sys.stdout
+        elif facility == "+":
+            self.stream = sys.stderr
+        elif facility.startswith("/"):
+            try:
+                self.stream = open(facility, "a", buffering=1,
+                                   encoding="utf-8", errors="replace")
+            except OSError as e:
+                raise OptionError("option -F, --log_facility: %s: %s"
+                                  % (facility, e.strerror)) from None
+        else:
+            self.use_syslog = True
+            syslog.openlog(self.ident, syslog.LOG_PID,
+                           getattr(syslog, "LOG_" + facility.upper()))
+
+    def write(self, priority, message):
+        if self.use_syslog:
+            syslog.syslog(priority, message)
+            return
+        stamp = time.strftime("%b %d %H:%M:%S")
+        line = "%s %s[%d]: %s\n" % (stamp, self.ident, os.getpid(), message)
+        with self.lock:
+            try:
+                self.stream.write(line)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+
+    def err(self, message):
+        self.write(syslog.LOG_ERR, message)
+
+    def info(self, message):
+        if not self.quiet:
+            self.write(syslog.LOG_INFO, message)
+
+    def debug(self, message):
+        if self.debug_enabled:
+            self.write(syslog.LOG_DEBUG, message)
+
+
+log = Log()
+
+
+# ---------------------------------------------------------------------------
+# User-name handling
+# ---------------------------------------------------------------------------
+
+class UserNames:
+    """The manual's user-name rewriting, per state.
+
+    A name passes through strip_domain, add_domain and lower_case for the
+    state it is used in: servername_lookup (the popmap key),
+    local_authentication and remote_login (the name sent to the real server).
+    """
+
+    def __init__(self, config):
+        self.delimiter = config.domain_delimiter
+        self.strip_states = config.strip_domain
+        self.add_states, self.strip_depth = config.add_domain
+        self.explicit_domain = config.explicit_domain
+        self.lower_states = config.lower_case
+        self.query_key = config.query_key
+        self._domains = {}
+        self._domains_lock = threading.Lock()
+
+    def split(self, user):
+        """'user@domain' -> ('user', 'domain'); the last delimiter counts."""
+        local, sep, domain = user.rpartition(self.delimiter)
+        return (local, domain) if sep and self.delimiter else (user, "")
+
+    def rewrite(self, user, state, server_ip):
+        if state in self.strip_states:
+            user = self.split(user)[0]
+        if state in self.add_states:
+            domain = self.domain_for(server_ip)
+            if domain:
+                user = user + self.delimiter + domain
+        if state in self.lower_states:
+            user = user.lower()
+        return user
+
+    def domain_for(self, server_ip):
+        """The domain to add: --explicit_domain or the reverse lookup of the
+        address the client connected to, less strip_depth leading labels."""
+        if self.explicit_domain:
+            return self.explicit_domain
+        with self._domains_lock:
+            if server_ip in self._domains:
+                return self._domains[server_ip]
+        try:
+            name = socket.gethostbyaddr(server_ip)[0]
+        except (OSError, UnicodeError):
+            name = ""
+        if name and not HOSTNAME_RE.match(name):
+            log.err("Reverse lookup of %s gave an invalid host name %s"
+                    % (server_ip, log_text(name)))
+            name = ""
+        labels = name.rstrip(".").split(".") if name else []
+        domain = ".".join(labels[self.strip_depth:]) \
+            if len(labels) > self.strip_depth else ""
+        with self._domains_lock:
+            self._domains[server_ip] = domain
+        return domain
+
+    def query_keys(self, user, session):
+        """The popmap keys to try, in order, from --query_key."""
+        local, domain = self.split(user)
+        values = {"U": user, "u": local, "D": self.delimiter, "d": domain,
+                  "i": session.client_ip, "I": session.server_ip,
+                  "p": str(session.client_port),
+                  "P": str(session.server_port), "\\": "\\"}
+        return [re.sub(r"\\(.)", lambda m: values[m.group(1)], fmt)
+                for fmt in self.query_key]
+
+
+# ---------------------------------------------------------------------------
+# Back-end selection
+# ---------------------------------------------------------------------------
+
+class Backend:
+    """Where and as whom to log in: the outcome of the server lookup."""
+
+    def __init__(self, host, port, user):
+        self.host, self.port, self.user = host, port, user
+
+    def __repr__(self):
+        return "Backend(%r, %r, %r)" % (self.host, self.port, self.user)
+
+
+class ServerSelector:
+    """Chooses the real server for a user.
+
+    In order: a server the client named itself (-c), the popmap (tried with
+    each --query_key), then --outgoing_server in round robin.
+    """
+
+    def __init__(self, config, popmap, user_names):
+        self.config = config
+        self.popmap = popmap
+        self.user_names = user_names
+        self._round_robin = itertools.cycle(config.outgoing_server) \
+            if config.outgoing_server else None
+        self._lock = threading.Lock()
+
+    def select(self, user, password, session):
+        config = self.config
+        login_user = self.user_names.rewrite(user, "remote_login",
+                                             session.server_ip)
+        if config.client_server_specification:
+            name, server = self.user_names.split(user)
+            if server:
+                host, port = self.parse_answer(server, "client")
+                login_user = self.user_names.rewrite(
+                    name, "remote_login", session.server_ip)
+                return Backend(host, port or config.outgoing_port,
+                               login_user)
+        answer = self.lookup(user, password, session)
+        if answer:
+            map_user, sep, server = answer.rpartition(config.domain_delimiter)
+            host, port = self.parse_answer(server, "popmap")
+            if sep and config.username_from_database:
+                login_user = map_user
+            return Backend(host, port or config.outgoing_port, login_user)
+        if self._round_robin is None:
+            raise LoginFailure("Could not determine server",
+                               "Could not determine server")
+        with self._lock:
+            host, port = next(self._round_robin)
+        return Backend(host, port or config.outgoing_port, login_user)
+
+    def lookup(self, user, password, session):
+        if self.popmap is None:
+            return None
+        LookupContext = perdition_maps.LookupContext
+        MapError, MapRefused = perdition_maps.MapError, perdition_maps.MapRefused
+        key_user = self.user_names.rewrite(user, "servername_lookup",
+                                           session.server_ip)
+        context = LookupContext(
+            user=user, password=password, protocol=session.protocol.map_name,
+            client_ip=session.client_ip, client_port=session.client_port,
+            server_ip=session.server_ip, server_port=session.server_port,
+            domain_delimiter=self.config.domain_delimiter,
+            attempt=session.attempts)
+        for key in self.user_names.query_keys(key_user, session):
+            try:
+                answer = self.popmap.lookup(key, context)
+            except MapRefused as e:
+                raise LoginFailure(str(e), str(e)) from None
+            except MapError as e:
+                log.err("Map lookup of %s failed: %s" % (log_text(key), e))
+                answer = None
+            except Exception as e:   # a site's own map must not kill us
+                log.err("Map lookup of %s failed: %s: %s"
+                        % (log_text(key), type(e).__name__, e))
+                answer = None
+            log.debug("Map lookup of %s: %s" % (log_text(key),
+                                                log_text(answer or "none")))
+            if answer:
+                return answer.strip()
+        return None
+
+    def parse_answer(self, server, source):
+        """Validate host[:port] from a map or a client before using it."""
+        try:
+            host, port = split_host_port(server)
+            host = parse_host(host)
+            if port is not None:
+                if self.config.no_lookup and not port.isdigit():
+                    raise OptionError("port %r is not a number" % port)
+                port = parse_port(port)
+        except OptionError as e:
+            log.err("Invalid server %s from %s: %s"
+                    % (log_text(server), source, e))
+            raise LoginFailure("Invalid server from %s" % source,
+                               "Could not determine server") from None
+        if self.config.no_lookup:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                log.err("Server %s from %s is not an IP address and "
+                        "no_lookup is set" % (log_text(host), source))
+                raise LoginFailure("Invalid server from %s" % source,
+                                   "Could not determine server") from None
+        return host, port
+
+
+# ---------------------------------------------------------------------------
+# TLS and connections
+# ---------------------------------------------------------------------------
+
+X509_V_FLAG_NO_CHECK_TIME = 0x200000
+
+
+def _load(what, action, *args):
+    """Run a context set-up step; a failure names the option and file."""
+    try:
+        return action(*args)
+    except (OSError, ssl.SSLError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise OptionError("option --%s: %s: %s"
+                          % (what, " ".join(a for a in args
+                                            if isinstance(a, str)), reason))
+
+
+def make_listen_context(config):
+    """The server-side context, made once at start-up (before privileges
+    are dropped, so the key may be readable by root only)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+                        | ssl.OP_NO_RENEGOTIATION)
+    if config.ssl_listen_ciphers:
+        _load("ssl_listen_ciphers", context.set_ciphers,
+              config.ssl_listen_ciphers)
+    for name in ("ssl_cert_file", "ssl_key_file", "ssl_ca_chain_file"):
+        path = getattr(config, name)
+        if path and not os.access(path, os.R_OK):
+            raise OptionError("option --%s: %s: %s" % (
+                name, path, "No such file" if not os.path.exists(path)
+                else "Permission denied"))
+    if config.ssl_ca_chain_file:
+        # The chain is sent after the certificate: load both as one PEM.
+        with open(config.ssl_cert_file, "rb") as cert, \
+                open(config.ssl_ca_chain_file, "rb") as chain, \
+                tempfile.NamedTemporaryFile(suffix=".pem") as combined:
+            combined.write(cert.read().rstrip(b"\n") + b"\n" + chain.read())
+            combined.flush()
+            _load("ssl_cert_file", context.load_cert_chain, combined.name,
+                  config.ssl_key_file)
+    else:
+        _load("ssl_cert_file", context.load_cert_chain, config.ssl_cert_file,
+              config.ssl_key_file)
+    return context
+
+
+def make_outgoing_context(config, trust=None):
+    """The client-side context: verification is on unless options say not.
+
+    `trust` adds one certificate (DER) to the trusted ones, for a real
+    server whose self-signed certificate --ssl_*_accept_self_signed allows.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    if config.ssl_outgoing_ciphers:
+        _load("ssl_outgoing_ciphers", context.set_ciphers,
+              config.ssl_outgoing_ciphers)
+    if config.ssl_no_cert_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    context.check_hostname = not config.ssl_no_cn_verify
+    if config.ssl_ca_chain_file:
+        _load("ssl_ca_chain_file", context.load_verify_locations,
+              config.ssl_ca_chain_file)
+    else:
+        loaded = False
+        for name, keyword in (("ssl_ca_file", "cafile"),
+                              ("ssl_ca_path", "capath")):
+            path = getattr(config, name)
+            if path and (name in config.given or os.path.exists(path)):
+                _load(name, lambda p, k=keyword:
+                      context.load_verify_locations(**{k: p}), path)
+                loaded = True
+        if not loaded:
+            context.load_default_certs()
+    if trust is not None:
+        context.load_verify_locations(cadata=trust)
+    if config.ssl_cert_accept_expired or config.ssl_cert_accept_not_yet_valid:
+        context.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
+    return context
+
+
+class OutgoingTLS:
+    """TLS towards real servers: the context, and the checks OpenSSL's
+    verification leaves to us (verify depth, which validity dates to
+    accept, self-signed certificates the options allow)."""
+
+    SELF_SIGNED = 18            # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
+    SELF_SIGNED_IN_CHAIN = 19   # X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN
+
+    def __init__(self, config):
+        self.config = config
+        self.context = make_outgoing_context(config)
+        self._pinned = {}       # (host, port) -> context trusting its cert
+        self._lock = threading.Lock()
+        accepted = set()
+        if config.ssl_cert_accept_self_signed:
+            accepted.add(self.SELF_SIGNED)
+        if config.ssl_ca_accept_self_signed:
+            accepted.add(self.SELF_SIGNED_IN_CHAIN)
+        self.accepted_codes = accepted
+
+    def context_for(self, host, port):
+        with self._lock:
+            return self._pinned.get((host, port), self.context)
+
+    def pin(self, host, port, chain):
+        """Trust the self-signed certificate a server showed, if allowed."""
+        with self._lock:
+            self._pinned[(host, port)] = make_outgoing_context(
+                self.config, trust=chain[-1])
+
+    def check(self, connection):
+        """Checks after a verified handshake."""
+        config = self.config
+        if config.ssl_no_cert_verify:
+            return
+        chain = connection.tls._sslobj.get_verified_chain()
+        if len(chain) - 2 > config.ssl_cert_verify_depth:
+            raise ssl.SSLError("certificate chain longer than "
+                               "ssl_cert_verify_depth %d"
+                               % config.ssl_cert_verify_depth)
+        cert = connection.tls.getpeercert()
+        now = time.time()
+        if not config.ssl_cert_accept_expired and \
+                ssl.cert_time_to_seconds(cert["notAfter"]) < now:
+            raise ssl.SSLError("certificate has expired")
+        if not config.ssl_cert_accept_not_yet_valid and \
+                ssl.cert_time_to_seconds(cert["notBefore"]) > now:
+            raise ssl.SSLError("certificate is not yet valid")
+
+
+class Connection:
+    """One leg of a session: a socket, plaintext or TLS.
+
+    TLS runs through ssl.MemoryBIO so that the two pump threads can use one
+    connection at once: OpenSSL must never see concurrent calls on one SSL
+    object, so every call on it holds `_tls_lock`, while the socket reads
+    and writes happen outside that lock.  `_send_lock` keeps the records on
+    the wire in the order OpenSSL made them.
+    """
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = bytearray()   # read but not yet consumed
+        self.tls = None
+        self._tls_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def settimeout(self, seconds):
+        self.sock.settimeout(seconds or None)
+
+    def start_tls(self, context, server_side, server_hostname=None):
+        """Handshake now.  Whatever was read before is discarded: plaintext
+        sent ahead of the handshake must never count as protected data."""
+        self.buffer.clear()
+        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(self._incoming, self._outgoing,
+                               server_side=server_side,
+                               server_hostname=server_hostname)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._send_raw(self._outgoing.read())
+                data = self.sock.recv(BUFFER_SIZE)
+                if not data:
+                    raise ssl.SSLEOFError("EOF during TLS handshake")
+                self._incoming.write(data)
+        self._send_raw(self._outgoing.read())
+        self.tls = tls
+
+    def _send_raw(self, data):
+        if data:
+            self.sock.sendall(data)
+
+    def _recv(self, size):
+        """Read from the socket (through TLS if on); b'' at EOF."""
+        if self.tls is None:
+            return self.sock.recv(size)
+        while True:
+            with self._tls_lock:
+                try:
+                    data = self.tls.read(size)
+                except ssl.SSLWantReadError:
+                    data = None
+                except ssl.SSLZeroReturnError:
+                    data = b""
+                pending = self._outgoing.pending
+            if pending and self._send_lock.acquire(blocking=False):
+                self._send_pending()
+            if data is not None:
+                return data
+            raw = self.sock.recv(BUFFER_SIZE)
+            if not raw:
+                return b""
+            with self._tls_lock:
+                self._incoming.write(raw)
+
+    def _send_pending(self):
+        """Send what OpenSSL has made; called holding _send_lock, which it
+        releases once nothing is left (checked under _tls_lock, so that a
+        record made meanwhile is never stranded)."""
+        try:
+            while True:
+                with self._tls_lock:
+                    data = self._outgoing.read()
+                    if not data:
+                        self._send_lock.release()
+                        return
+                self.sock.sendall(data)
+        except BaseException:
+            self._send_lock.release()
+            raise
+
+    def sendall(self, data):
+        if self.tls is None:
+            self.sock.sendall(data)
+            return
+        self._send_lock.acquire()
+        try:
+            with self._tls_lock:
+                self.tls.write(data)
+        except BaseException:
+            self._send_lock.release()
+            raise
+        self._send_pending()
+
+    def recv(self, size=BUFFER_SIZE):
+        if self.buffer:
+            data = bytes(self.buffer[:size])
+            del self.buffer[:size]
+            return data
+        return self._recv(size)
+
+    def readline(self, limit=MAX_LINE):
+        """One line without its CRLF (or LF).  EOFError at end of input;
+        ProtocolError when the line is longer than `limit`."""
+        start = 0
+        while True:
+            end = self.buffer.find(b"\n", start)
+            if end >= 0:
+                if end > limit:
+                    raise ProtocolError("Line too long")
+                line = bytes(self.buffer[:end])
+                del self.buffer[:end + 1]
+                return line[:-1] if line.endswith(b"\r") else line
+            if len(self.buffer) > limit:
+                raise ProtocolError("Line too long")
+            start = len(self.buffer)
+            data = self._recv(BUFFER_SIZE)
+            if not data:
+                raise EOFError
+            self.buffer += data
+
+    def read_exact(self, size):
+        while len(self.buffer) < size:
+            data = self._recv(BUFFER_SIZE)
+            if not data:
+                raise EOFError
+            self.buffer += data
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
+
+    def shutdown(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self):
+        self.shutdown()
+        self.sock.close()
+
+
+# ---------------------------------------------------------------------------
+# The two protocols
+# ---------------------------------------------------------------------------
+
+class BadCommand(Exception):
+    """A command the client may correct: answered with -ERR or BAD."""
+
+
+def has_controls(text):
+    return any(ord(c) < 0x20 or ord(c) == 0x7f for c in text)
+
+
+class POP3:
+    """RFC 1939 (with RFC 2449 CAPA and RFC 2595 STLS) up to the login.
+
+    Each protocol class has the same shape: greeting(), read_credentials()
+    (the command loop before login), login() on the real server, and the
+    responses the session sends for success, failure and farewell.
+    """
+
+    name = "POP3"
+    map_name = "pop3"
+    start_tls_command = "STLS"
+
+    def __init__(self, session):
+        self.session = session
+        self.config = session.config
+
+    # -- towards the client ------------------------------------------------
+
+    @staticmethod
+    def greeting(hostname):
+        return "+OK POP3 Ready %s" % hostname
+
+    def capabilities(self):
+        caps = [c for c in self.config.capability.split("  ")
+                if c and c.upper() != "STLS"]
+        if self.session.tls_offered():
+            caps.append("STLS")
+        return caps
+
+    def read_credentials(self):
+        """The command loop before login: returns (user, password), or None
+        when the client quits."""
+        session = self.session
+        user = None
+        while True:
+            line = session.read_client_line()
+            command, _, argument = line.partition(" ")
+            command = command.upper()
+            session.log_dialogue("client", "PASS XXXXXX"
+                                 if command == "PASS" else line)
+            try:
+                if "\0" in line:
+                    raise BadCommand("Invalid character in command")
+                if command == "QUIT":
+                    session.reply("+OK Bye")
+                    return None
+                if command == "NOOP":
+                    session.reply("+OK")
+                elif command == "CAPA":
+                    session.reply("+OK Capability list follows\r\n"
+                                  + "".join(c + "\r\n" for c in
+                                            self.capabilities()) + ".")
+                elif command == "STLS":
+                    if not session.tls_offered():
+                        raise BadCommand("STLS not available")
+                    session.reply("+OK Begin TLS negotiation")
+                    session.start_tls_listen()
+                    user = None
+                elif command in ("USER", "PASS"):
+                    session.check_login_allowed()
+                    if not argument:
+                        raise BadCommand("%s needs an argument" % command)
+                    if command == "USER":
+                        user = argument
+                        session.reply("+OK USER %s set" % user)
+                    elif user is None:
+                        raise BadCommand("USER must come before PASS")
+                    else:
+                        return user, argument
+                else:
+                    raise BadCommand("Unknown command, expected USER, PASS, "
+                                     "CAPA, NOOP%s or QUIT" % (
+                                         ", STLS" if session.tls_offered()
+                                         else ""))
+            except BadCommand as e:
+                session.reply("-ERR %s" % e)
+
+    def ok(self, server_line):
+        if self.config.server_resp_line:
+            return server_line
+        return "+OK %s" % self.config.ok_line
+
+    def failure(self, text):
+        return "-ERR %s" % text
+
+    @staticmethod
+    def farewell(text):
+        return "-ERR %s" % text
+
+    # -- towards the real server -------------------------------------------
+
+    def expect_ok(self, server, what):
+        line = self.session.read_server_line(server)
+        if not line.startswith("+OK"):
+            raise LoginFailure("%s: %s" % (what, line))
+        return line
+
+    def command(self, server, text, logged=None):
+        self.session.send_server(server, text, logged)
+        return self.expect_ok(server, text.split(" ")[0])
+
+    def login(self, server, user, password):
+        """Log in on the real server; returns its final +OK line."""
+        session = self.session
+        if has_controls(user) or has_controls(password):
+            raise LoginFailure("Control character in user name or password",
+                               "Invalid user name or password")
+        session.check_greeting(self.expect_ok(server, "Greeting"))
+        if session.tls_outgoing():
+            self.session.send_server(server, "CAPA")
+            capable = False
+            if self.session.read_server_line(server).startswith("+OK"):
+                capable = "STLS" in (c.upper() for c in
+                                     session.read_server_lines(server))
+            if session.start_tls_outgoing(server, capable):
+                self.command(server, "STLS")
+                session.handshake_outgoing(server)
+        self.command(server, "USER %s" % user)
+        return self.command(server, "PASS %s" % password, "PASS XXXXXX")
+
+
+IMAP_TAG_RE = re.compile(rb'[\x21\x23\x24\x26\x27\x2c-\x5b\x5e-\x7a\x7c\x7e]+$')
+IMAP_ATOM_RE = re.compile(rb'[^\x00-\x20(){%*"\\\x7f]+')
+IMAP_LITERAL_RE = re.compile(rb'\{(\d{1,10})(\+?)\}$')
+IMAP_QUOTABLE_RE = re.compile(rb'[\x20-\x7e]*$')
+
+
+class IMAP4:
+    """RFC 3501 (with RFC 2088 LITERAL+ and RFC 2595 STARTTLS) up to LOGIN.
+
+    The same shape as POP3.  Tags are checked against RFC 3501's grammar
+    before anything is echoed: a bad tag gets an untagged BAD.
+    """
+
+    name = "IMAP4"
+    map_name = "imap"
+    start_tls_command = "STARTTLS"
+
+    def __init__(self, session):
+        self.session = session
+        self.config = session.config
+        self.tag = b"*"
+        self.server_tag = 0
+
+    # -- towards the client ------------------------------------------------
+
+    @staticmethod
+    def greeting(hostname):
+        return "* OK IMAP4 Ready %s" % hostname
+
+    def capabilities(self):
+        session = self.session
+        caps = [c for c in self.config.capability.split(" ") if c and
+                c.upper() not in ("STARTTLS", "LOGINDISABLED")]
+        if session.tls_offered():
+            caps.append("STARTTLS")
+        if self.config.login_disabled or session.tls_required():
+            caps.append("LOGINDISABLED")
+        return caps
+
+    def tagged(self, text):
+        return self.tag.decode("ascii") + " " + text
+
+    def read_credentials(self):
+        session = self.session
+        while True:
+            line = session.read_client_bytes()
+            self.tag = b"*"
+            tag, _, rest = line.partition(b" ")
+            command, _, _ = rest.partition(b" ")
+            command = command.upper()
+            session.log_dialogue("client", tag + b" " + command +
+                                 b" XXXXXX" if command == b"LOGIN" else line)
+            try:
+                if not IMAP_TAG_RE.match(tag):
+                    raise BadCommand("Invalid tag" if tag else "Null command")
+                self.tag = tag
+                if b"\0" in line:
+                    raise BadCommand("Invalid character in command")
+                if command == b"CAPABILITY":
+                    session.reply("* CAPABILITY " + " ".join(
+                        self.capabilities()) + "\r\n" +
+                        self.tagged("OK CAPABILITY completed"))
+                elif command == b"NOOP":
+                    session.reply(self.tagged("OK NOOP completed"))
+                elif command == b"LOGOUT":
+                    session.reply("* BYE IMAP4 Ready logging out\r\n"
+                                  + self.tagged("OK LOGOUT completed"))
+                    return None
+                elif command == b"STARTTLS":
+                    if not session.tls_offered():
+                        raise BadCommand("STARTTLS not available")
+                    session.reply(self.tagged("OK Begin TLS negotiation "
+                                              "now"))
+                    session.start_tls_listen()
+                elif command == b"AUTHENTICATE":
+                    session.reply(self.tagged("NO AUTHENTICATE mechanism "
+                                              "not supported, use LOGIN"))
+                elif command == b"LOGIN":
+                    user, password = self.parse_arguments(rest[5:], 2)
+                    session.check_login_allowed()
+                    return user, password
+                elif not command:
+                    raise BadCommand("Missing command")
+                else:
+                    self.skip_literal(rest)
+                    raise BadCommand("Unknown command, expected CAPABILITY, "
+                                     "NOOP, LOGIN%s or LOGOUT" % (
+                                         ", STARTTLS" if session.tls_offered()
+                                         else ""))
+            except BadCommand as e:
+                session.reply(self.tagged("BAD %s" % e))
+
+    def skip_literal(self, line):
+        """A rejected command's non-synchronising literal is read and
+        dropped, so that its bytes are not taken for commands."""
+        match = IMAP_LITERAL_RE.search(line)
+        if match and match.group(2):
+            size = int(match.group(1))
+            if size > MAX_LITERAL:
+                raise ProtocolError("Literal too long")
+            self.session.client.read_exact(size)
+            self.skip_literal(self.session.read_client_bytes())
+
+    def parse_arguments(self, rest, count):
+        """`count` astrings (atoms, quoted strings or literals) -> [str]."""
+        values = []
+        while len(values) < count:
+            if not rest.startswith(b" "):
+                raise BadCommand("Missing argument")
+            rest = rest[1:]
+            if rest.startswith(b'"'):
+                value, rest = self.parse_quoted(rest)
+            elif IMAP_LITERAL_RE.match(rest):
+                value, rest = self.read_literal(rest)
+            else:
+                match = IMAP_ATOM_RE.match(rest)
+                if not match:
+                    raise BadCommand("Invalid argument")
+                value, rest = match.group(), rest[match.end():]
+            values.append(value.decode("utf-8", "surrogateescape"))
+        if rest:
+            raise BadCommand("Too many arguments")
+        return values
+
+    @staticmethod
+    def parse_quoted(rest):
+        value, i = bytearray(), 1
+        while i < len(rest):
+            c = rest[i]
+            if c == 0x22:
+                return bytes(value), rest[i + 1:]
+            if c == 0x5c:
+                i += 1
+                if i >= len(rest) or rest[i] not in b'"\\':
+                    raise BadCommand("Invalid escape in quoted string")
+                c = rest[i]
+            value.append(c)
+            i += 1
+        raise BadCommand("Unterminated quoted string")
+
+    def read_literal(self, rest):
+        match = IMAP_LITERAL_RE.match(rest)
+        size, synchronising = int(match.group(1)), not match.group(2)
+        session = self.session
+        if size > MAX_LITERAL:
+            if synchronising:
+                raise BadCommand("Literal too long")
+            raise ProtocolError("Literal too long")
+        if synchronising:
+            session.reply("+ Ready for argument")
+        value = session.client.read_exact(size)
+        return value, session.read_client_bytes()
+
+    def ok(self, server_line):
+        if self.config.server_resp_line:
+            return self.tagged(server_line)
+        return self.tagged("OK %s" % self.config.ok_line)
+
+    def failure(self, text):
+        return self.tagged("NO %s" % text)
+
+    @staticmethod
+    def farewell(text):
+        return "* BYE %s" % text
+
+    # -- towards the real server -------------------------------------------
+
+    def server_command(self, server, words, logged=None):
+        """Send a command, quoting each argument or sending it as a literal
+        (so a CR or LF inside can never end the command), and return the
+        tagged response line."""
+        session = self.session
+        self.server_tag += 1
+        tag = "P%d" % self.server_tag
+        line = tag.encode()
+        for word in words:
+            if isinstance(word, str):
+                word = word.encode("utf-8", "surrogateescape")
+                if IMAP_QUOTABLE_RE.match(word):
+                    line += b' "' + word.replace(b"\\", b"\\\\").replace(
+                        b'"', b'\\"') + b'"'
+                else:
+                    session.send_server(server, line + b" {%d}" % len(word),
+                                        logged)
+                    answer = session.read_server_line(server)
+                    if not answer.startswith("+"):
+                        raise LoginFailure(answer)
+                    line = word
+            else:
+                line += b" " + word
+        session.send_server(server, line, logged)
+        while True:
+            answer = session.read_server_line(server)
+            if answer.startswith(tag + " "):
+                return answer[len(tag) + 1:]
+
+    def capabilities_of(self, server, greeting):
+        match = re.match(r"\* OK \[CAPABILITY ([^\]]*)\]", greeting)
+        if match:
+            return match.group(1).upper().split()
+        self.session.send_server(server, "P0 CAPABILITY")
+        caps = []
+        while True:
+            line = self.session.read_server_line(server)
+            if line.upper().startswith("* CAPABILITY "):
+                caps = line[13:].upper().split()
+            elif line.startswith("P0 "):
+                return caps
+
+    def login(self, server, user, password):
+        session = self.session
+        greeting = session.read_server_line(server)
+        if not greeting.startswith("* OK"):
+            raise LoginFailure("Greeting: %s" % greeting)
+        session.check_greeting(greeting)
+        if session.tls_outgoing():
+            capable = "STARTTLS" in self.capabilities_of(server, greeting)
+            if session.start_tls_outgoing(server, capable):
+                answer = self.server_command(server, [b"STARTTLS"])
+                if not answer.startswith("OK"):
+                    raise LoginFailure("STARTTLS: %s" % answer)
+                session.handshake_outgoing(server)
+                # Anything said before TLS is forgotten; ask again.
+                greeting = "* OK"
+            if "LOGINDISABLED" in self.capabilities_of(server, greeting):
+                raise LoginFailure("Server has LOGINDISABLED")
+        answer = self.server_command(
+            server, [b"LOGIN", user, password],
+            logged=b"P%d LOGIN XXXXXX" % (self.server_tag + 1))
+        if not answer.startswith("OK"):
+            raise LoginFailure("LOGIN: %s" % answer)
+        return answer
+
+
+# ---------------------------------------------------------------------------
+# The session
+# ---------------------------------------------------------------------------
+
+def plain_address(address):
+    """An IPv4-mapped IPv6 address is logged and matched as IPv4."""
+    host = address[0]
+    return (host[7:] if host.startswith("::ffff:") and "." in host
+            else host), address[1]
+
+
+class Session:
+    """One client connection: greeting, login loop, then the pump."""
+
+    def __init__(self, perdition, sock, hostname, inetd_pid=None):
+        self.perdition = perdition
+        self.config = perdition.config
+        self.client = Connection(sock)
+        self.client_ip, self.client_port = plain_address(sock.getpeername())
+        self.server_ip, self.server_port = plain_address(sock.getsockname())
+        self.hostname = hostname
+        self.inetd_pid = inetd_pid
+        self.protocol = perdition.protocol_class(self)
+        self.user = ""
+        self.password = ""
+        self.backend = None
+        self.attempts = 0
+        self.received = self.sent = 0
+
+    def run(self):
+        config = self.config
+        log.info("Connect: %s%s" % (self.client_ip, "[inetd_pid=%d]"
+                                    % self.inetd_pid if self.inetd_pid
+                                    else ""))
+        server = None
+        try:
+            self.client.sock.setsockopt(socket.IPPROTO_TCP,
+                                        socket.TCP_NODELAY, 1)
+            self.client.settimeout(config.authentication_timeout)
+            if "ssl_listen" in config.ssl_mode:
+                self.client.start_tls(self.perdition.listen_context, True)
+            self.reply(self.protocol.greeting(self.hostname))
+            server = self.authenticate()
+            if server is not None:
+                self.perdition.track(self, True)
+                try:
+                    Pump(self, server).run()
+                finally:
+                    self.perdition.track(self, False)
+        except EOFError:
+            log.debug("%s: client closed the connection" % self.client_ip)
+        except ProtocolError as e:
+            self.say_farewell(str(e))
+        except TimeoutError:
+            self.say_farewell("Idle timeout")
+        except (OSError, ssl.SSLError) as e:
+            log.info("%s: connection error: %s" % (self.client_ip, e))
+        finally:
+            if server is not None:
+                server.close()
+            self.client.close()
+            log.info('Close: %s user="%s" received=%d sent=%d'
+                     % (self.client_ip, log_text(self.user), self.received,
+                        self.sent))
+
+    def say_farewell(self, reason):
+        log.info("%s: %s" % (self.client_ip, reason))
+        try:
+            self.client.settimeout(1)
+            self.reply(self.protocol.farewell(reason))
+        except (OSError, ssl.SSLError):
+            pass
+
+    def authenticate(self):
+        """Read credentials and try them on the real server until a login
+        succeeds (returning the server connection) or the client quits."""
+        protocol = self.protocol
+        while True:
+            credentials = protocol.read_credentials()
+            if credentials is None:
+                return None
+            self.user, self.password = credentials
+            self.attempts += 1
+            self.backend = server = None
+            try:
+                try:
+                    self.backend = self.perdition.selector.select(
+                        self.user, self.password, self)
+                    server = self.connect(self.backend)
+                    line = protocol.login(server, self.backend.user,
+                                          self.password)
+                except (OSError, EOFError, ProtocolError, ssl.SSLError) as e:
+                    raise LoginFailure("Server error: %s"
+                                       % (e or type(e).__name__)) from None
+            except LoginFailure as e:
+                if server is not None:
+                    server.close()
+                self.log_auth("failed: %s" % e)
+                self.reply(protocol.failure(e.client_text
+                                            or "Authentication failed"))
+                continue
+            self.log_auth("ok")
+            self.reply(protocol.ok(line))
+            return server
+
+    def log_auth(self, status):
+        mode = self.config.log_passwd
+        show = mode == "always" or (mode == "ok" and status == "ok") or \
+            (mode == "fail" and status != "ok")
+        backend = self.backend
+        log.info('Auth: %s user="%s" passwd="%s" server="%s" port="%s" '
+                 'status=%s' % (self.client_ip, log_text(self.user),
+                                log_text(self.password) if show else "XXXXXX",
+                                log_text(backend.host) if backend else "",
+                                backend.port if backend else "",
+                                log_text(status)))
+
+    # -- the client side ---------------------------------------------------
+
+    def read_client_bytes(self):
+        return self.client.readline()
+
+    def read_client_line(self):
+        return self.read_client_bytes().decode("utf-8", "surrogateescape")
+
+    def reply(self, text):
+        self.log_dialogue("perdition", text)
+        self.client.sendall(text.encode("utf-8", "surrogateescape")
+                            + b"\r\n")
+
+    def log_dialogue(self, who, text):
+        if self.config.connection_logging and log.debug_enabled:
+            log.debug("%s %s: %s" % (self.client_ip, who, log_text(text)))
+
+    def tls_offered(self):
+        return "tls_listen" in self.config.ssl_mode and self.client.tls is None
+
+    def tls_required(self):
+        return "tls_listen_force" in self.config.ssl_mode \
+            and self.client.tls is None
+
+    def check_login_allowed(self):
+        if self.config.login_disabled:
+            raise BadCommand("Login disabled")
+        if self.tls_required():
+            raise BadCommand("Login disabled until %s has been issued"
+                             % self.protocol.start_tls_command)
+
+    def start_tls_listen(self):
+        self.client.start_tls(self.perdition.listen_context, True)
+
+    # -- the server side ---------------------------------------------------
+
+    def connect(self, backend):
+        """Connect to the real server (and start SSL if the mode says)."""
+        flags = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV \
+            if self.config.no_lookup else 0
+        failure = "Could not connect to server"
+        try:
+            addresses = socket.getaddrinfo(backend.host, backend.port, 0,
+                                           socket.SOCK_STREAM, 0, flags)
+        except (OSError, UnicodeError) as e:
+            raise LoginFailure("Could not resolve %s: %s"
+                               % (backend.host, e), failure) from None
+        error = None
+        for family, kind, proto, _, address in addresses:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(self.config.authentication_timeout or None)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.connect(address)
+                break
+            except OSError as e:
+                sock.close()
+                error = e
+        else:
+            raise LoginFailure("Could not connect to %s:%s: %s"
+                               % (backend.host, backend.port, error), failure)
+        server = Connection(sock)
+        if "ssl_outgoing" in self.config.ssl_mode:
+            try:
+                self.handshake_outgoing(server)
+            except BaseException:
+                server.close()
+                raise
+        return server
+
+    def tls_outgoing(self):
+        return "tls_outgoing" in self.config.ssl_mode
+
+    def start_tls_outgoing(self, server, offered):
+        """Whether to STARTTLS now; without TLS, tls_outgoing_force sends no
+        credentials."""
+        if offered:
+            return True
+        if "tls_outgoing_force" in self.config.ssl_mode:
+            raise LoginFailure("Server does not offer %s and "
+                               "tls_outgoing_force is set"
+                               % self.protocol.start_tls_command)
+        return False
+
+    def handshake_outgoing(self, server):
+        tls = self.perdition.outgoing_tls
+        host = self.backend.host
+        context = tls.context_for(host, self.backend.port)
+        try:
+            server.start_tls(context, False,
+                             host if context.check_hostname else None)
+        except ssl.SSLCertVerificationError as e:
+            raise LoginFailure("TLS: %s" % e.verify_message) from None
+        except ssl.SSLError as e:
+            raise LoginFailure("TLS: %s" % e) from None
+        try:
+            tls.check(server)
+        except ssl.SSLError as e:
+            raise LoginFailure("TLS: %s" % e) from None
+
+    def read_server_line(self, server):
+        line = server.readline().decode("utf-8", "surrogateescape")
+        self.log_dialogue("server", line)
+        return line
+
+    def read_server_lines(self, server):
+        """A POP3 multi-line answer, up to its '.' line (bounded)."""
+        lines = []
+        for _ in range(1000):
+            line = self.read_server_line(server)
+            if line == ".":
+                return lines
+            lines.append(line[1:] if line.startswith(".") else line)
+        raise ProtocolError("Server sent too many lines")
+
+    def send_server(self, server, text, logged=None):
+        if isinstance(text, str):
+            text = text.encode("utf-8", "surrogateescape")
+        self.log_dialogue("to server", logged or text)
+        server.sendall(text + b"\r\n")
+
+    def check_greeting(self, greeting):
+        """perdition connecting to itself would loop for ever."""
+        if greeting.strip() == self.protocol.greeting(self.hostname):
+            raise LoginFailure("Re-Authentication Failure",
+                               "Re-Authentication Failure")
+
+
+# ---------------------------------------------------------------------------
+# The pump
+# ---------------------------------------------------------------------------
+
+SPLICE = hasattr(os, "splice")
+PIPE_SIZE = 256 * 1024
+
+
+class PipePool:
+    """Pipes for os.splice, shared by all sessions.
+
+    A pump holds a pipe only while bytes flow, so idle sessions cost no
+    file descriptors beyond their two sockets.
+    """
+
+    def __init__(self, keep=64):
+        self._pipes = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def get(self):
+        with self._lock:
+            if self._pipes:
+                return self._pipes.pop()
+        read, write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except (OSError, AttributeError):
+            pass
+        return read, write
+
+    def put(self, pipe, clean):
+        """Keep an empty pipe for the next burst; close one with data in."""
+        with self._lock:
+            if clean and len(self._pipes) < self._keep:
+                self._pipes.append(pipe)
+                return
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+
+class Pump:
+    """Copies bytes both ways, unchanged, until either side closes.
+
+    The session's thread copies client to server and one more thread copies
+    server to client.  Between two plaintext sockets the bytes go through a
+    pipe with os.splice and never enter Python; with TLS on either side they
+    pass through Connection, which serialises OpenSSL calls.  The idle
+    timeout counts activity in either direction.
+    """
+
+    def __init__(self, session, server):
+        self.session = session
+        self.client = session.client
+        self.server = server
+        self.timeout = session.config.timeout
+        self.last_activity = time.monotonic()
+        self.tick = self.timeout / 2 if self.timeout else None
+
+    def run(self):
+        session, client, server = self.session, self.client, self.server
+        if server.buffer:                       # read ahead of the login
+            session.sent += len(server.buffer)
+            client.sendall(server.recv(len(server.buffer)))
+        if client.buffer:
+            session.received += len(client.buffer)
+            server.sendall(client.recv(len(client.buffer)))
+        if SPLICE and client.tls is None and server.tls is None:
+            copy = self.splice
+            client.sock.setblocking(False)
+            server.sock.setblocking(False)
+        else:
+            copy = self.stream
+            client.settimeout(self.tick)
+            server.settimeout(self.tick)
+        other = threading.Thread(target=self.copy, daemon=True,
+                                 args=(copy, server, client, "sent"))
+        other.start()
+        self.copy(copy, client, server, "received")
+        other.join()
+
+    def copy(self, copy, source, destination, counter):
+        try:
+            copy(source, destination, counter)
+        except TimeoutError:
+            log.info("%s: idle timeout" % self.session.client_ip)
+        except (OSError, ssl.SSLError, ValueError) as e:
+            log.debug("%s: %s" % (self.session.client_ip, e))
+        finally:
+            source.shutdown()
+            destination.shutdown()
+
+    def idle(self):
+        """Called when a wait times out: raise TimeoutError when neither
+        direction has moved for --timeout seconds."""
+        if time.monotonic() - self.last_activity >= self.timeout:
+            raise TimeoutError
+
+    def stream(self, source, destination, counter):
+        session = self.session
+        while True:
+            try:
+                data = source.recv(BUFFER_SIZE)
+            except TimeoutError:
+                self.idle()
+                continue
+            if not data:
+                return
+            self.last_activity = time.monotonic()
+            destination.sendall(data)
+            setattr(session, counter, getattr(session, counter) + len(data))
+
+    def wait(self, fd, event):
+        poller = select.poll()
+        poller.register(fd, event)
+        timeout = self.tick * 1000 if self.tick else None
+        while not poller.poll(timeout):
+            self.idle()
+
+    def splice(self, source, destination, counter):
+        session = self.session
+        pipes = session.perdition.pipes
+        source_fd, destination_fd = source.fileno(), destination.fileno()
+        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        while True:
+            self.wait(source_fd, select.POLLIN)
+            pipe = pipes.get()
+            clean = False
+            try:
+                while True:
+                    try:
+                        size = os.splice(source_fd, pipe[1], PIPE_SIZE,
+                                         flags=flags)
+                    except BlockingIOError:
+                        clean = True
+                        break
+                    if not size:
+                        clean = True
+                        return
+                    self.last_activity = time.monotonic()
+                    while size:
+                        try:
+                            moved = os.splice(pipe[0], destination_fd, size,
+                                              flags=flags)
+                        except BlockingIOError:
+                            self.wait(destination_fd, select.POLLOUT)
+                            continue
+                        size -= moved
+                        setattr(session, counter,
+                                getattr(session, counter) + moved)
+            finally:
+                pipes.put(pipe, clean)
+
+
+# ---------------------------------------------------------------------------
+# The server and main()
+# ---------------------------------------------------------------------------
+
+class Perdition:
+    """What all sessions share, made once at start-up: the configuration,
+    the popmap, the server selector, TLS contexts, counters."""
+
+    def __init__(self, config):
+        self.config = config
+        self.protocol_class = IMAP4 if config.is_imap else POP3
+        self.popmap = self.open_popmap()
+        self.selector = ServerSelector(config, self.popmap, UserNames(config))
+        modes = config.ssl_mode
+        self.listen_context = make_listen_context(config) \
+            if modes & {"ssl_listen", "tls_listen"} else None
+        self.outgoing_tls = OutgoingTLS(config) \
+            if modes & {"ssl_outgoing", "tls_outgoing"} else None
+        self.pipes = PipePool()
+        self.active = 0
+        self.sessions = set()
+        self.lock = threading.Lock()
+
+    def open_popmap(self):
+        config = self.config
+        if not config.map_library:
+            return None
+        if perdition_maps is None:
+            raise OptionError("option -M, --map_library: perdition_maps.py "
+                              "is not installed beside perdition.py; use "
+                              "-M \"\" for no map")
+        try:
+            return perdition_maps.open_map(config.map_library,
+                                           config.map_library_opt)
+        except perdition_maps.MapError as e:
+            raise OptionError("option -M, --map_library %s: %s"
+                              % (config.map_library, e)) from None
+
+    def reload(self):
+        if self.popmap is not None:
+            try:
+                self.popmap.reload()
+                log.info("Reloaded the popmap")
+            except Exception as e:
+                log.err("Reloading the popmap failed: %s" % e)
+
+    def admit(self):
+        """Count a new connection; False when --connection_limit is hit."""
+        with self.lock:
+            limit = self.config.connection_limit
+            if limit and self.active >= limit:
+                return False
+            self.active += 1
+            return True
+
+    def release(self):
+        with self.lock:
+            self.active -= 1
+
+    def track(self, session, proxying):
+        """Sessions in the proxy phase, for --connect_relog."""
+        with self.lock:
+            if proxying:
+                self.sessions.add(session)
+            else:
+                self.sessions.discard(session)
+
+    def relog(self, stop):
+        """Log the Auth line of every proxied session again, every
+        --connect_relog seconds, for POP and IMAP before SMTP."""
+        while not stop.wait(self.config.connect_relog):
+            with self.lock:
+                sessions = list(self.sessions)
+            for session in sessions:
+                session.log_auth("ok")
+
+
+class SessionHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        Session(self.server.perdition, self.request,
+                self.server.hostname).run()
+
+
+class PerditionServer(socketserver.ThreadingTCPServer):
+    """One listening address.  Threads are daemons and not tracked by
+    socketserver (block_on_close would walk a list on every accept)."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = getattr(socket, "SOMAXCONN", 128)
+
+    def __init__(self, perdition, address, hostname):
+        self.perdition = perdition
+        self.hostname = hostname
+        self.address_family = socket.AF_INET6 if ":" in address[0] \
+            else socket.AF_INET
+        super().__init__(address, SessionHandler)
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY,
+                                   self.server_address[0] != "::")
+        super().server_bind()
+
+    def process_request(self, request, client_address):
+        if not self.perdition.admit():
+            log.info("Connection limit reached, refusing %s"
+                     % client_address[0])
+            try:
+                request.settimeout(1)
+                request.sendall(self.perdition.protocol_class.farewell(
+                    "Too many connections, try again later").encode()
+                    + b"\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.perdition.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.perdition.release()
+
+    def handle_error(self, request, client_address):
+        log.err("Session from %s failed: %s" % (
+            client_address[0], traceback.format_exc().replace("\n", " | ")))
+
+
+def greeting_hostname(config, host):
+    """The name in the greeting: the reverse lookup of the bind address,
+    unless -B or -n, else the uname host name."""
+    if host and not config.no_bind_banner and host not in ("0.0.0.0", "::"):
+        try:
+            return socket.gethostbyaddr(host)[0]
+        except OSError:
+            pass
+    return os.uname().nodename
+
+
+def listen_addresses(config):
+    """(host, port) to bind: -b entries, or every address."""
+    if not config.bind_address:
+        host = "::" if socket.has_dualstack_ipv6() else "0.0.0.0"
+        return [(host, config.listen_port)]
+    return [(host, port or config.listen_port)
+            for host, port in config.bind_address]
+
+
+def bind_servers(perdition):
+    config = perdition.config
+    servers = []
+    for host, port in listen_addresses(config):
+        hostname = greeting_hostname(config, host if config.bind_address
+                                     else None)
+        try:
+            servers.append(PerditionServer(perdition, (host, port), hostname))
+        except OSError as e:
+            for server in servers:
+                server.server_close()
+            raise OptionError("cannot listen on %s port %d (option -b/-l): "
+                              "%s" % (host, port, e.strerror or e)) from None
+    return servers
+
+
+def daemonise():
+    """Detach from the terminal: fork twice, new session, stdio to null."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def run_as(config):
+    """The uid and gid of -u/-g.  The default group 'nobody' does not exist
+    everywhere (Debian calls it nogroup): then the user's own group."""
+    try:
+        user = pwd.getpwnam(config.username)
+    except KeyError:
+        raise OptionError("option -u, --username: unknown user %r"
+                          % config.username) from None
+    try:
+        gid = grp.getgrnam(config.group).gr_gid
+    except KeyError:
+        if "group" in config.given or config.group != "nobody":
+            raise OptionError("option -g, --group: unknown group %r"
+                              % config.group) from None
+        gid = user.pw_gid
+    return user.pw_uid, gid
+
+
+def write_pid_file(config, uid, gid):
+    path = config.pid_file
+    if not path:
+        return
+    try:
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        if os.geteuid() == 0 and directory != VAR_STATE_DIR:
+            os.chown(directory, uid, gid)
+        with open(path, "w") as f:
+            f.write("%d\n" % os.getpid())
+    except OSError as e:
+        raise OptionError("option --pid_file: %s: %s"
+                          % (path, e.strerror)) from None
+
+
+def drop_privileges(uid, gid):
+    """Become -u/-g; after binding, so ports below 1024 work."""
+    if os.geteuid() != 0:
+        log.debug("Not running as root; keeping uid %d" % os.geteuid())
+        return
+    os.setgroups([gid])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+def serve_inetd(perdition):
+    config = perdition.config
+    try:
+        sock = socket.socket(fileno=os.dup(0))
+        sock.getpeername()
+    except OSError:
+        raise OptionError("option -i, --inetd_mode: standard input is not "
+                          "a connected socket") from None
+    host = config.bind_address[0][0] if config.bind_address else None
+    Session(perdition, sock, greeting_hostname(config, host),
+            inetd_pid=os.getpid()).run()
+    return 0
+
+
+def raise_file_limit(config):
+    """Sessions need two descriptors each; take what the hard limit gives."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    except (ValueError, OSError):
+        return
+    if config.connection_limit and soft != resource.RLIM_INFINITY and \
+            soft < 2 * config.connection_limit + 64:
+        log.err("File descriptor limit %d is too low for connection_limit "
+                "%d" % (soft, config.connection_limit))
+
+
+def main(argv=None):
+    argv = sys.argv if argv is None else argv
+    try:
+        config = Config(argv)
+        if config.help:
+            sys.stdout.write(usage(config.basename))
+            return 0
+        log.configure(config)
+        perdition = Perdition(config)
+        uid, gid = run_as(config) if os.geteuid() == 0 else (None, None)
+        if config.inetd_mode:
+            if config.debug:
+                log.debug("Starting: %s" % config.summary())
+            drop_privileges(uid, gid)
+            return serve_inetd(perdition)
+        servers = bind_servers(perdition)
+        if config.daemon:
+            daemonise()
+            write_pid_file(config, uid, gid)
+    except OptionError as e:
+        name = program_name(argv[0] if argv else "perdition")
+        sys.stderr.write("%s: %s\n" % (name, e))
+        if log.stream is not sys.stderr:
+            log.err("Fatal error: %s" % e)
+        return 1
+    raise_file_limit(config)
+    drop_privileges(uid, gid)
+    threading.stack_size(THREAD_STACK_SIZE)
+    log.info("Starting: %s" % config.summary())
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: perdition.reload())
+    threads = [threading.Thread(target=server.serve_forever, daemon=True)
+               for server in servers]
+    if config.connect_relog:
+        threads.append(threading.Thread(target=perdition.relog, daemon=True,
+                                        args=(stop,)))
+    for thread in threads:
+        thread.start()
+    for server in servers:
+        log.info("Listening on %s port %d" % server.server_address[:2])
+    while not stop.wait(3600):
+        pass
+    log.info("Exiting on signal")
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+    if config.daemon and config.pid_file:
+        try:
+            os.unlink(config.pid_file)
+        except OSError:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
