@@ -18,7 +18,8 @@ handling; back-end selection; TLS and connections; the two protocols; the
 session; the pump; the server and main().
 """
 
-import encodings.idna  # noqa: F401  (imported now: no imports after setuid)
+import _strptime        # noqa: F401  imported now: after setuid the
+import encodings.idna   # noqa: F401  library may no longer be readable
 import fcntl
 import grp
 import ipaddress
@@ -849,10 +850,12 @@ class UserNames:
 # ---------------------------------------------------------------------------
 
 class Backend:
-    """Where and as whom to log in: the outcome of the server lookup."""
+    """Where, as whom and with what password to log in: the outcome of the
+    server lookup (an http map may give another user name or password)."""
 
-    def __init__(self, host, port, user):
-        self.host, self.port, self.user = host, port, user
+    def __init__(self, host, port, user, password):
+        self.host, self.port = host, port
+        self.user, self.password = user, password
 
     def __repr__(self):
         return "Backend(%r, %r, %r)" % (self.host, self.port, self.user)
@@ -875,54 +878,57 @@ class ServerSelector:
 
     def select(self, user, password, session):
         config = self.config
-        login_user = self.user_names.rewrite(user, "remote_login",
-                                             session.server_ip)
+        rewrite = self.user_names.rewrite
         if config.client_server_specification:
             name, server = self.user_names.split(user)
             if server:
                 host, port = self.parse_answer(server, "client")
-                login_user = self.user_names.rewrite(
-                    name, "remote_login", session.server_ip)
                 return Backend(host, port or config.outgoing_port,
-                               login_user)
-        answer = self.lookup(user, password, session)
+                               rewrite(name, "remote_login",
+                                       session.server_ip), password)
+        login_user = rewrite(user, "remote_login", session.server_ip)
+        context = self.lookup_context(user, password, session)
+        answer = self.lookup(rewrite(user, "servername_lookup",
+                                     session.server_ip), context, session)
         if answer:
             map_user, sep, server = answer.rpartition(config.domain_delimiter)
             host, port = self.parse_answer(server, "popmap")
             if sep and config.username_from_database:
                 login_user = map_user
-            return Backend(host, port or config.outgoing_port, login_user)
+            return Backend(host, port or config.outgoing_port, login_user,
+                           context.password)
         if self._round_robin is None:
             raise LoginFailure("Could not determine server",
                                "Could not determine server")
         with self._lock:
             host, port = next(self._round_robin)
-        return Backend(host, port or config.outgoing_port, login_user)
+        return Backend(host, port or config.outgoing_port, login_user,
+                       password)
 
-    def lookup(self, user, password, session):
+    def lookup_context(self, user, password, session):
         if self.popmap is None:
             return None
-        LookupContext = perdition_maps.LookupContext
-        MapError, MapRefused = perdition_maps.MapError, perdition_maps.MapRefused
-        key_user = self.user_names.rewrite(user, "servername_lookup",
-                                           session.server_ip)
-        context = LookupContext(
+        return perdition_maps.LookupContext(
             user=user, password=password, protocol=session.protocol.map_name,
             client_ip=session.client_ip, client_port=session.client_port,
             server_ip=session.server_ip, server_port=session.server_port,
             domain_delimiter=self.config.domain_delimiter,
             attempt=session.attempts)
-        for key in self.user_names.query_keys(key_user, session):
+
+    def lookup(self, user, context, session):
+        """The first answer of the popmap for the --query_key keys."""
+        if self.popmap is None:
+            return None
+        for key in self.user_names.query_keys(user, session):
             try:
                 answer = self.popmap.lookup(key, context)
-            except MapRefused as e:
+            except perdition_maps.MapRefused as e:
+                cause = e.__cause__
+                log.info("Map refused %s: %s%s" % (
+                    log_text(key), e, " (%s)" % cause if cause else ""))
                 raise LoginFailure(str(e), str(e)) from None
-            except MapError as e:
+            except Exception as e:   # a broken map is no answer
                 log.err("Map lookup of %s failed: %s" % (log_text(key), e))
-                answer = None
-            except Exception as e:   # a site's own map must not kill us
-                log.err("Map lookup of %s failed: %s: %s"
-                        % (log_text(key), type(e).__name__, e))
                 answer = None
             log.debug("Map lookup of %s: %s" % (log_text(key),
                                                 log_text(answer or "none")))
@@ -1042,10 +1048,24 @@ def make_outgoing_context(config, trust=None):
     return context
 
 
+class RetryTLS(Exception):
+    """The login must be tried again on a new connection: a self-signed
+    certificate the options accept has been seen (and is learned on a probe
+    connection that sends no credentials) or has just been learned."""
+
+
 class OutgoingTLS:
-    """TLS towards real servers: the context, and the checks OpenSSL's
-    verification leaves to us (verify depth, which validity dates to
-    accept, self-signed certificates the options allow)."""
+    """TLS towards real servers: the context, and what OpenSSL's own
+    verification leaves to us.
+
+    Python's ssl cannot accept a single verification error, so a real server
+    whose self-signed certificate --ssl_cert_accept_self_signed (or whose
+    self-signed CA --ssl_ca_accept_self_signed) allows is learned on a probe
+    connection and then trusted for that host and port: from then on its
+    name, dates and signature are verified as any other.  Accepting
+    expired or not yet valid certificates switches OpenSSL's time check off
+    and checks the date that is not accepted here.
+    """
 
     SELF_SIGNED = 18            # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
     SELF_SIGNED_IN_CHAIN = 19   # X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN
@@ -1053,24 +1073,39 @@ class OutgoingTLS:
     def __init__(self, config):
         self.config = config
         self.context = make_outgoing_context(config)
+        self.accepted_codes = set()
+        if config.ssl_cert_accept_self_signed:
+            self.accepted_codes.add(self.SELF_SIGNED)
+        if config.ssl_ca_accept_self_signed:
+            self.accepted_codes.add(self.SELF_SIGNED_IN_CHAIN)
+        self.probe_context = None
+        if self.accepted_codes and not config.ssl_no_cert_verify:
+            self.probe_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            self.probe_context.check_hostname = False
+            self.probe_context.verify_mode = ssl.CERT_NONE
         self._pinned = {}       # (host, port) -> context trusting its cert
         self._lock = threading.Lock()
-        accepted = set()
-        if config.ssl_cert_accept_self_signed:
-            accepted.add(self.SELF_SIGNED)
-        if config.ssl_ca_accept_self_signed:
-            accepted.add(self.SELF_SIGNED_IN_CHAIN)
-        self.accepted_codes = accepted
 
-    def context_for(self, host, port):
+    def context_for(self, host, port, probe=False):
+        if probe:
+            return self.probe_context
         with self._lock:
             return self._pinned.get((host, port), self.context)
 
-    def pin(self, host, port, chain):
-        """Trust the self-signed certificate a server showed, if allowed."""
+    def pin(self, host, port, connection, code):
+        """Trust the self-signed certificate (code 18) or self-signed CA
+        (code 19) that the probe connection showed."""
+        chain = connection.tls._sslobj.get_unverified_chain() or []
+        cert = (chain[:1] if code == self.SELF_SIGNED else chain[-1:])
+        if not cert or cert[0].get_info().get("issuer") != \
+                cert[0].get_info().get("subject"):
+            raise ssl.SSLError("the server's certificate is not self-signed")
+        context = make_outgoing_context(self.config,
+                                        trust=cert[0].public_bytes())
         with self._lock:
-            self._pinned[(host, port)] = make_outgoing_context(
-                self.config, trust=chain[-1])
+            self._pinned[(host, port)] = context
+        log.info("Trusting the self-signed certificate of %s port %d"
+                 % (host, port))
 
     def check(self, connection):
         """Checks after a verified handshake."""
@@ -1078,11 +1113,11 @@ class OutgoingTLS:
         if config.ssl_no_cert_verify:
             return
         chain = connection.tls._sslobj.get_verified_chain()
-        if len(chain) - 2 > config.ssl_cert_verify_depth:
+        if len(chain) - 1 > config.ssl_cert_verify_depth:
             raise ssl.SSLError("certificate chain longer than "
                                "ssl_cert_verify_depth %d"
                                % config.ssl_cert_verify_depth)
-        cert = connection.tls.getpeercert()
+        cert = chain[0].get_info()
         now = time.time()
         if not config.ssl_cert_accept_expired and \
                 ssl.cert_time_to_seconds(cert["notAfter"]) < now:
@@ -1690,20 +1725,16 @@ class Session:
                 return None
             self.user, self.password = credentials
             self.attempts += 1
-            self.backend = server = None
+            self.backend = None
             try:
                 try:
                     self.backend = self.perdition.selector.select(
                         self.user, self.password, self)
-                    server = self.connect(self.backend)
-                    line = protocol.login(server, self.backend.user,
-                                          self.password)
+                    server, line = self.login()
                 except (OSError, EOFError, ProtocolError, ssl.SSLError) as e:
                     raise LoginFailure("Server error: %s"
                                        % (e or type(e).__name__)) from None
             except LoginFailure as e:
-                if server is not None:
-                    server.close()
                 self.log_auth("failed: %s" % e)
                 self.reply(protocol.failure(e.client_text
                                             or "Authentication failed"))
@@ -1711,6 +1742,27 @@ class Session:
             self.log_auth("ok")
             self.reply(protocol.ok(line))
             return server
+
+    def login(self):
+        """Connect to the chosen server and log in: (connection, line).
+
+        At most three connections: the first may meet a self-signed
+        certificate the options accept, a probe learns it, the third uses
+        it."""
+        self.tls_probe = None
+        for _ in range(3):
+            server = self.connect(self.backend)
+            try:
+                if "ssl_outgoing" in self.config.ssl_mode:
+                    self.handshake_outgoing(server)
+                return server, self.protocol.login(
+                    server, self.backend.user, self.backend.password)
+            except RetryTLS:
+                server.close()
+            except BaseException:
+                server.close()
+                raise
+        raise LoginFailure("TLS: the server's certificate keeps changing")
 
     def log_auth(self, status):
         mode = self.config.log_passwd
@@ -1761,7 +1813,7 @@ class Session:
     # -- the server side ---------------------------------------------------
 
     def connect(self, backend):
-        """Connect to the real server (and start SSL if the mode says)."""
+        """A plaintext connection to the real server."""
         flags = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV \
             if self.config.no_lookup else 0
         failure = "Could not connect to server"
@@ -1785,14 +1837,7 @@ class Session:
         else:
             raise LoginFailure("Could not connect to %s:%s: %s"
                                % (backend.host, backend.port, error), failure)
-        server = Connection(sock)
-        if "ssl_outgoing" in self.config.ssl_mode:
-            try:
-                self.handshake_outgoing(server)
-            except BaseException:
-                server.close()
-                raise
-        return server
+        return Connection(sock)
 
     def tls_outgoing(self):
         return "tls_outgoing" in self.config.ssl_mode
@@ -1809,18 +1854,23 @@ class Session:
         return False
 
     def handshake_outgoing(self, server):
+        """TLS towards the real server, verified as the options say."""
         tls = self.perdition.outgoing_tls
-        host = self.backend.host
-        context = tls.context_for(host, self.backend.port)
+        host, port = self.backend.host, self.backend.port
+        context = tls.context_for(host, port, self.tls_probe is not None)
         try:
             server.start_tls(context, False,
                              host if context.check_hostname else None)
-        except ssl.SSLCertVerificationError as e:
-            raise LoginFailure("TLS: %s" % e.verify_message) from None
-        except ssl.SSLError as e:
-            raise LoginFailure("TLS: %s" % e) from None
-        try:
+            if self.tls_probe is not None:
+                tls.pin(host, port, server, self.tls_probe)
+                self.tls_probe = None
+                raise RetryTLS
             tls.check(server)
+        except ssl.SSLCertVerificationError as e:
+            if e.verify_code in tls.accepted_codes and tls.probe_context:
+                self.tls_probe = e.verify_code
+                raise RetryTLS from None
+            raise LoginFailure("TLS: %s" % e.verify_message) from None
         except ssl.SSLError as e:
             raise LoginFailure("TLS: %s" % e) from None
 

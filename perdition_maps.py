@@ -1,4 +1,4 @@
-"""perdition_maps -- the popmap libraries of perdition.
+r"""perdition_maps -- the popmap libraries of perdition.
 
 A map answers one question: which real server does this user go to?
 perdition asks it with a lookup key (by default the user name, see
@@ -42,12 +42,20 @@ posix_regex (-m: file, default /etc/perdition/popmap.re)
     and its groups (a group that took no part is empty).  The file is
     tokenised like perdition's configuration file: ``#`` starts a comment,
     a backslash before a newline joins lines, a backslash before any other
-    character makes it literal (and is dropped: write ``\\.`` or quote the
-    regex to keep ``\\.``), everything inside '...' is literal, and inside
-    "..." everything but the closing " is literal.  POSIX classes such as
-    ``[[:alpha:]]`` are understood; matching is Python's, leftmost-first
-    rather than POSIX leftmost-longest where alternatives overlap.  Read at
-    start-up and again on reload (SIGHUP); a bad file keeps the old table.
+    character makes that character literal and is itself dropped (so a
+    regex's ``\.`` is written ``\\.``, or quoted), everything inside '...'
+    is literal, and inside "..." everything but the closing " is literal.
+    For example:
+
+        '^(.*)@example\.com$'    $1@imap.example.com:143
+        ^[a-k]:                 mail1.example.net    # the colon is optional
+        .*                      mail2.example.net
+
+    The first line sends joe@example.com to imap.example.com as "joe"
+    (with -U).  POSIX classes such as ``[[:alpha:]]`` are understood;
+    matching is Python's, leftmost-first rather than POSIX leftmost-longest
+    where alternatives overlap.  Read at start-up and again on reload
+    (SIGHUP); a bad file keeps the old table.
 
 sqlite (-m: ``dbpath:table:user_column:server_column:port_column``)
     Defaults /etc/perdition/popmap.sqlite, popmap, user, servername, port;
@@ -100,6 +108,15 @@ and port in them.
 
 import argparse
 import dbm
+import dbm.dumb         # every backend is imported now: perdition drops
+try:                    # privileges after start-up, and may then be unable
+    import dbm.gnu      # to read the library
+except ImportError:
+    pass
+try:
+    import dbm.ndbm
+except ImportError:
+    pass
 import http.client
 import importlib.util
 import os
@@ -242,7 +259,7 @@ class GdbmMap(Map):
 
     def __init__(self, option):
         super().__init__(option)
-        self.path = option or self.default_option
+        self.path = os.path.abspath(option or self.default_option)
 
     def _signature(self):
         """Identify the files now on disk, to notice a rebuild mid-read."""
@@ -465,8 +482,8 @@ def _read_regex_table(path):
         raise MapError("%s: %s" % (path, e.strerror)) from None
     table = []
     for number, words in _config_records(text, path):
-        (regex, _), rest = words[0], words[1:]
-        if words[0][1]:
+        (regex, bare_colon), rest = words[0], words[1:]
+        if bare_colon:
             regex = regex[:-1]
         if rest and rest[0] == (":", True):
             rest = rest[1:]
@@ -491,7 +508,7 @@ class PosixRegexMap(Map):
 
     def __init__(self, option):
         super().__init__(option)
-        self.path = option or self.default_option
+        self.path = os.path.abspath(option or self.default_option)
         self.table = _read_regex_table(self.path)
 
     def reload(self):
@@ -539,6 +556,7 @@ class SqliteMap(Map):
                                "identifier" % (option, name))
         self.query = ('SELECT "%s", "%s" FROM "%s" WHERE "%s" = ? LIMIT 1'
                       % (server, port, table, user))
+        self.path = os.path.abspath(self.path)
         self.uri = "file:%s?mode=ro" % urllib.parse.quote(self.path)
 
     def lookup(self, key, context):
@@ -652,7 +670,7 @@ class HttpMap(Map):
                     ("Auth-Pass", _escape_auth(context.password)),
                     ("Auth-Protocol", context.protocol.lower()),
                     ("Auth-Login-Attempt", str(context.attempt)),
-                    ("Client-IP", _CONTROL.sub("", context.client_ip)),
+                    ("Client-IP", context.client_ip),
                     *self.headers):
                 connection.putheader(name, value)
             connection.endheaders()
@@ -677,7 +695,7 @@ class HttpMap(Map):
             raise MapRefused(UNAVAILABLE) from MapError("no Auth-Status")
         if status != "OK":
             try:
-                wait = float(header("Auth-Wait") or 0)
+                wait = int(header("Auth-Wait") or 0)
             except ValueError:
                 wait = 0
             time.sleep(min(max(wait, 0), self.max_auth_wait))
@@ -737,11 +755,10 @@ def _load_python_map(path, option):
         instance = factory(option)
         if not isinstance(instance, Map):
             raise MapError("%s: the map is not a perdition_maps.Map" % path)
-    except MapError:
-        del sys.modules[name]
-        raise
     except Exception as e:
         del sys.modules[name]
+        if isinstance(e, MapError):
+            raise
         raise MapError(_site_error(path, e)) from None
     return instance
 

@@ -45,6 +45,7 @@ STOP_TIMEOUT = 10.0
 RECV_SIZE = 256 * 1024
 LITERAL = re.compile(rb"\{(\d+)\}\r\n\Z")
 POP3_END = b"\r\n.\r\n"
+WORKLOADS = {"logins", "bulk", "noop", "idle"}
 
 PERDITION_TEMPLATE = (
     "{python} {perdition} -P {protocol} --no_daemon -F {log_file} "
@@ -643,7 +644,7 @@ def run(args, backend, targets, workdir):
 
     for protocol, client in CLIENTS.items():
         port = backend.ports[protocol, False]
-        for c in args.concurrency:
+        for c in args.concurrency if "logins" in args.workloads else ():
             results = compare(targets, workdir, backend, protocol, False, port,
                               measure_logins(args, backend, client, c), errors)
             record(f"{protocol} logins c={c}", results, [
@@ -651,7 +652,7 @@ def run(args, backend, targets, workdir):
                 (f"{protocol} login p50 ms c={c}", "p50_ms"),
                 (f"{protocol} login p99 ms c={c}", "p99_ms")])
     for protocol, client in CLIENTS.items():
-        for tls in (False, True):
+        for tls in (False, True) if "bulk" in args.workloads else ():
             port = backend.ports[protocol, tls]
             if port is None:
                 errors.append(f"{protocol} TLS bulk skipped: no TLS port or certificate")
@@ -662,14 +663,14 @@ def run(args, backend, targets, workdir):
             record(f"{protocol} bulk {kind}", results, [
                 (f"{protocol} bulk {kind} MiB/s", "mib_s"),
                 (f"{protocol} bulk {kind} proxy CPU s/GiB", "cpu_s_per_gib")])
-    for protocol, client in CLIENTS.items():
+    for protocol, client in CLIENTS.items() if "noop" in args.workloads else ():
         results = compare(targets, workdir, backend, protocol, False,
                           backend.ports[protocol, False],
                           measure_noop(args, backend, client), errors)
         record(f"{protocol} NOOP", results, [
             (f"{protocol} NOOP p50 us", "p50_us"),
             (f"{protocol} NOOP p99 us", "p99_us")])
-    if args.idle_sessions:
+    if args.idle_sessions and "idle" in args.workloads:
         with LightImap() as light:
             results = compare(targets, workdir, backend, "IMAP", False, light.port,
                               measure_idle(args), errors)
@@ -734,6 +735,9 @@ def parse_args(argv=None):
     p.add_argument("--other-name", default="other", help="column name for --other-proxy")
     p.add_argument("--no-perdition", action="store_true",
                    help="leave perdition out (to check the harness or another proxy)")
+    p.add_argument("--workloads", default="logins,bulk,noop,idle",
+                   help="which workloads to run, comma-separated (default all: "
+                        "logins,bulk,noop,idle)")
     p.add_argument("--concurrency", default="1,16,32",
                    help="login concurrencies, comma-separated (default 1,16,32)")
     p.add_argument("--duration", type=float, help="seconds per login and NOOP "
@@ -768,6 +772,9 @@ def parse_args(argv=None):
     if (args.imap_port is None) != (args.pop3_port is None):
         p.error("--imap-port and --pop3-port go together")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.workloads = args.workloads.split(",")
+    if set(args.workloads) - WORKLOADS:
+        p.error(f"--workloads: choose from {','.join(sorted(WORKLOADS))}")
     quick = args.quick
     defaults = {"duration": (3.0, 1.0), "bulk_mib": (100, 32), "reps": (3, 1),
                 "idle_sessions": (2000, 500)}

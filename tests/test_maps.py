@@ -148,6 +148,11 @@ def test_makedb_command(tmp_path):
                             timeout=60)
     assert result.returncode == 1
     assert "%s:1: expected <key>:<value>" % source in result.stderr
+    command[-2] = "-"
+    result = subprocess.run(command, input="alice: mail2\n",
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert GdbmMap(str(database)).lookup("alice", context()) == "mail2"
 
 
 def test_missing_database_is_a_map_error(tmp_path):
@@ -218,6 +223,16 @@ tinued$ \
     assert popmap.lookup("continued", context()) == "joined"
     assert popmap.lookup("x123", context()) == "digits"
     assert popmap.lookup("xa1", context()) is None
+
+
+def test_regex_docstring_example(tmp_path):
+    doc = perdition_maps.__doc__
+    example = doc[doc.index("For example:"):doc.index("The first line")]
+    popmap = regex_map(tmp_path, example.split(":", 1)[1])
+    assert popmap.lookup("joe@example.com", context()) == \
+        "joe@imap.example.com:143"
+    assert popmap.lookup("joe@exampleXcom", context()) == "mail1.example.net"
+    assert popmap.lookup("zed", context()) == "mail2.example.net"
 
 
 def test_regex_double_quotes_keep_backslashes(tmp_path):
