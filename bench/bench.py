@@ -26,6 +26,7 @@ import shlex
 import shutil
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,7 @@ STOP_TIMEOUT = 10.0
 RECV_SIZE = 256 * 1024
 LITERAL = re.compile(rb"\{(\d+)\}\r\n\Z")
 POP3_END = b"\r\n.\r\n"
-WORKLOADS = {"logins", "bulk", "noop", "idle"}
+WORKLOADS = ("logins", "bulk", "noop", "idle")     # in the order they run
 
 PERDITION_TEMPLATE = (
     "{python} {perdition} -P {protocol} --no_daemon -F {log_file} "
@@ -339,17 +340,17 @@ class Proxy:
 
 class Target:
     """Where a workload is sent: the back-end itself (template None) or a
-    proxy started in front of it for the length of one measurement."""
+    proxy started in front of it for the length of one comparison."""
 
     def __init__(self, name, template=None):
         self.name, self.template = name, template
         self.broken = False
 
-    def measure(self, workdir, backend, protocol, tls, backend_port, fn):
-        """Call fn(port, proxy) with the port to use; proxy is None for direct.
-        A proxy that failed to start is not tried again."""
+    def start(self, workdir, backend, protocol, tls, backend_port):
+        """Return (port, proxy) to measure; proxy is None for direct.
+        A proxy that failed to start once is not tried again."""
         if self.template is None:
-            return fn(backend_port, None)
+            return backend_port, None
         if self.broken:
             raise Skipped()
         proxy = Proxy(self.template, workdir, protocol, tls, backend_port, backend)
@@ -358,10 +359,7 @@ class Target:
         except RuntimeError:
             self.broken = True
             raise
-        try:
-            return fn(proxy.port, proxy)
-        finally:
-            proxy.stop()
+        return proxy.port, proxy
 
 
 def free_port():
@@ -443,9 +441,12 @@ class LightImap:
 
 # --- workloads ---------------------------------------------------------------
 
-def percentile(values, q):
+def percentile(values, q, scale=1):
+    """The *q* quantile of *values* (nearest rank) times *scale*; None if empty."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
+    if not ordered:
+        return None
+    return scale * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def logins(client, port, users, concurrency, duration, max_sessions):
@@ -474,74 +475,75 @@ def logins(client, port, users, concurrency, duration, max_sessions):
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - started
-    return {"per_s": len(latencies) / elapsed, "sessions": len(latencies),
-            "p50_ms": 1e3 * percentile(latencies, 0.5),
-            "p99_ms": 1e3 * percentile(latencies, 0.99),
-            "errors": errors[:3], "error_count": len(errors)}
+    return {"latencies": latencies, "errors": errors,
+            "elapsed": time.perf_counter() - started}
 
 
-def measure_logins(args, backend, client, concurrency):
-    def fn(port, proxy):
-        logins(client, port, backend.users, concurrency, args.warmup, 10**6)
-        cpu = proxy.cpu_seconds() if proxy else None
-        result = logins(client, port, backend.users, concurrency,
-                        args.duration, args.max_sessions)
-        if proxy:
-            time.sleep(0.1)     # let the last sessions' ends be accounted
-            result["proxy_cpu_ms_per_login"] = (
-                1e3 * (proxy.cpu_seconds() - cpu) / max(result["sessions"], 1))
-        return result
-    return fn
+def login_sessions(client, users, concurrency, duration, max_sessions):
+    def measure(port, proxy):
+        return logins(client, port, users, concurrency, duration, max_sessions)
+    return measure
 
 
-def measure_bulk(args, backend, client, tls):
-    """Fetch the bulk mailbox whole, *args.reps* times after one unrecorded
-    fetch, a session each."""
-    def fn(port, proxy):
+def merge_logins(parts, cpu):
+    latencies = [x for part in parts for x in part["latencies"]]
+    errors = [e for part in parts for e in part["errors"]]
+    result = {"per_s": len(latencies) / sum(part["elapsed"] for part in parts),
+              "sessions": len(latencies),
+              "p50_ms": percentile(latencies, 0.5, 1e3),
+              "p99_ms": percentile(latencies, 0.99, 1e3),
+              "errors": errors[:3], "error_count": len(errors)}
+    if cpu is not None:
+        result["proxy_cpu_ms_per_login"] = 1e3 * cpu / max(len(latencies), 1)
+    return result
+
+
+def bulk_fetch(backend, client, tls):
+    """The bulk user fetches its whole mailbox once; only the fetch is timed."""
+    def fetch(port, proxy):
         context = backend.client_context() if tls else None
-        user, password = backend.bulk
-        rates, octets, cpu = [], 0, None
-        for rep in range(args.reps + 1):
-            with client(port, context) as conn:
-                conn.login(user, password)
-                conn.open_mailbox()
-                started = time.perf_counter()
-                n = conn.fetch_all()
-                elapsed = time.perf_counter() - started
-                conn.logout()
-            if rep == 0:    # warm-up: Dovecot's index, caches, the proxy's first session
-                cpu = proxy.cpu_seconds() if proxy else None
-                continue
-            rates.append(n / MiB / elapsed)
-            octets += n
-        result = {"mib_s": sorted(rates)[len(rates) // 2], "rates": rates,
-                  "octets": octets}
-        if proxy:
-            time.sleep(0.1)
-            result["cpu_s_per_gib"] = (proxy.cpu_seconds() - cpu) / (octets / GiB)
-        return result
-    return fn
+        with client(port, context) as conn:
+            conn.login(*backend.bulk)
+            conn.open_mailbox()
+            started = time.perf_counter()
+            octets = conn.fetch_all()
+            elapsed = time.perf_counter() - started
+            conn.logout()
+        return {"octets": octets, "seconds": elapsed}
+    return fetch
 
 
-def measure_noop(args, backend, client):
-    """NOOP ping-pong in one logged-in session."""
-    def fn(port, proxy):
-        user, password = backend.users[0]
+def merge_bulk(parts, cpu):
+    rates = [part["octets"] / MiB / part["seconds"] for part in parts]
+    octets = sum(part["octets"] for part in parts)
+    result = {"mib_s": statistics.median(rates), "rates": rates, "octets": octets}
+    if cpu is not None:
+        result["cpu_s_per_gib"] = cpu / (octets / GiB)
+    return result
+
+
+def noop_pingpong(backend, client, count, duration):
+    """NOOP ping-pong in one logged-in session, after 100 unrecorded ones."""
+    def pingpong(port, proxy):
         with client(port) as conn:
-            conn.login(user, password)
+            conn.login(*backend.users[0])
             for _ in range(100):
                 conn.noop()
             samples = []
-            deadline = time.monotonic() + args.duration
-            while len(samples) < args.noops and time.monotonic() < deadline:
+            deadline = time.monotonic() + duration
+            while len(samples) < count and time.monotonic() < deadline:
                 started = time.perf_counter_ns()
                 conn.noop()
                 samples.append(time.perf_counter_ns() - started)
             conn.logout()
-        return {"p50_us": percentile(samples, 0.5) / 1e3,
-                "p99_us": percentile(samples, 0.99) / 1e3, "count": len(samples)}
-    return fn
+        return samples
+    return pingpong
+
+
+def merge_noop(parts, cpu):
+    samples = [x for part in parts for x in part]
+    return {"p50_us": percentile(samples, 0.5, 1e-3),
+            "p99_us": percentile(samples, 0.99, 1e-3), "count": len(samples)}
 
 
 def open_batch(port, count, conns):
@@ -577,108 +579,156 @@ def count_answering(conns, deadline):
     return held
 
 
-def measure_idle(args):
-    """Open args.idle_sessions logged-in IMAP sessions, in batches so that
-    handshakes overlap; stop at the first failure.  Then NOOP each, and count
-    the sessions that answered as held."""
-    def fn(port, proxy):
-        time.sleep(0.2)
+def idle_sessions(sessions, timeout):
+    """Open *sessions* logged-in IMAP sessions, 64 handshakes at a time,
+    stopping at the first failure; then NOOP each and count the ones that
+    answer as held.  The proxy's PSS is taken before and with them open."""
+    def hold(port, proxy):
         base = proxy.pss_kib() if proxy else None
-        deadline = time.monotonic() + args.idle_timeout
+        deadline = time.monotonic() + timeout
         conns, error = [], None
         started = time.perf_counter()
         try:
-            while len(conns) < args.idle_sessions and time.monotonic() < deadline:
-                open_batch(port, min(64, args.idle_sessions - len(conns)), conns)
+            while len(conns) < sessions and time.monotonic() < deadline:
+                open_batch(port, min(64, sessions - len(conns)), conns)
         except (OSError, ProtocolError) as exc:
             error = f"after {len(conns)} sessions: {exc!r}"
-        opened = time.perf_counter() - started
+        result = {"opened_s": time.perf_counter() - started, "error": error}
         time.sleep(0.5)
-        held = count_answering(conns, deadline)
-        result = {"held": held, "opened_s": opened, "error": error,
-                  "requested": args.idle_sessions}
+        result["held"] = held = count_answering(conns, deadline)
         if proxy:
             time.sleep(0.2)
-            result["pss_kib"] = proxy.pss_kib()
-            result["pss_kib_base"] = base
-            result["pss_kib_per_session"] = (result["pss_kib"] - base) / max(held, 1)
+            pss = proxy.pss_kib()
+            result.update(pss_kib_base=base, pss_kib=pss,
+                          pss_kib_per_session=(pss - base) / max(held, 1))
         for conn in conns:
             conn.close()
         return result
-    return fn
+    return hold
 
 
 # --- the run -----------------------------------------------------------------
 
-def compare(targets, workdir, backend, protocol, tls, backend_port, fn, errors):
-    """Run *fn* against every target in turn; failures become None results."""
-    results = {}
-    for target in targets:
+class Run:
+    """One run: the comparisons of every workload, and the table's rows."""
+
+    def __init__(self, args, backend, targets, workdir):
+        self.args, self.backend, self.targets = args, backend, targets
+        self.workdir = workdir
+        self.rows, self.errors, self.details = [], [], {}
+
+    def compare(self, protocol, tls, backend_port, measure, merge, rounds,
+                warmup=True):
+        """Measure every target with measure(port, proxy).
+
+        All targets are started together and measured in turn, *rounds*
+        times after one unrecorded warm-up round, so that the machine's
+        drift falls on all of them alike.  merge(parts, proxy_cpu_seconds)
+        makes each target's result; a target that fails gets None."""
+        label = f"{protocol}{' TLS' if tls else ''}"
+        live, parts, cpu = {}, {}, {}
         try:
-            results[target.name] = target.measure(workdir, backend, protocol, tls,
-                                                  backend_port, fn)
-        except Skipped:
-            results[target.name] = None
-        except Exception as exc:
-            results[target.name] = None
-            errors.append(f"{target.name} {protocol}{' TLS' if tls else ''}: {exc}")
-    return results
+            for target in self.targets:
+                try:
+                    live[target.name] = target.start(
+                        self.workdir, self.backend, protocol, tls, backend_port)
+                    parts[target.name] = []
+                except Skipped:
+                    pass
+                except Exception as exc:
+                    self.errors.append(f"{target.name} {label}: {exc}")
+            for n in range(rounds + warmup):
+                for name, (port, proxy) in list(live.items()):
+                    if n == warmup and proxy:
+                        cpu[name] = proxy.cpu_seconds()
+                    try:
+                        part = measure(port, proxy)
+                    except Exception as exc:
+                        self.errors.append(f"{name} {label}: {exc!r}")
+                        del live[name]
+                        continue
+                    if n >= warmup:
+                        parts[name].append(part)
+            time.sleep(0.1)     # let the proxies account for the last sessions
+            return {t.name: merge(parts[t.name], live[t.name][1] and
+                                  live[t.name][1].cpu_seconds() - cpu[t.name])
+                    if t.name in live else None for t in self.targets}
+        finally:
+            for port, proxy in live.values():
+                if proxy:
+                    proxy.stop()
+
+    def record(self, name, results, spec):
+        """Keep *results* and add the table rows *spec*: [(label, key)]."""
+        self.details[name] = results
+        self.rows.extend(rows_from(results, spec))
+        for target, result in results.items():
+            if result and (result.get("error_count") or result.get("error")):
+                self.errors.append(f"{target} {name}: "
+                                   f"{result.get('error') or result['errors']}")
+        print(f"done: {name}", file=sys.stderr, flush=True)
+
+    def logins(self):
+        args = self.args
+        for protocol, client in CLIENTS.items():
+            for c in args.concurrency:
+                measure = login_sessions(client, self.backend.users, c,
+                                         args.duration / args.rounds,
+                                         args.max_sessions // args.rounds)
+                results = self.compare(protocol, False,
+                                       self.backend.ports[protocol, False],
+                                       measure, merge_logins, args.rounds)
+                self.record(f"{protocol} logins c={c}", results, [
+                    (f"{protocol} logins/s c={c}", "per_s"),
+                    (f"{protocol} login p50 ms c={c}", "p50_ms"),
+                    (f"{protocol} login p99 ms c={c}", "p99_ms")])
+
+    def bulk(self):
+        for protocol, client in CLIENTS.items():
+            for tls in (False, True):
+                port = self.backend.ports[protocol, tls]
+                if port is None:
+                    self.errors.append(f"{protocol} TLS bulk skipped: "
+                                       "no TLS port or certificate")
+                    continue
+                kind = "TLS" if tls else "plain"
+                results = self.compare(protocol, tls, port,
+                                       bulk_fetch(self.backend, client, tls),
+                                       merge_bulk, self.args.rounds)
+                self.record(f"{protocol} bulk {kind}", results, [
+                    (f"{protocol} bulk {kind} MiB/s", "mib_s"),
+                    (f"{protocol} bulk {kind} proxy CPU s/GiB", "cpu_s_per_gib")])
+
+    def noop(self):
+        args = self.args
+        for protocol, client in CLIENTS.items():
+            measure = noop_pingpong(self.backend, client, args.noops // args.rounds,
+                                    args.duration / args.rounds)
+            results = self.compare(protocol, False,
+                                   self.backend.ports[protocol, False],
+                                   measure, merge_noop, args.rounds)
+            self.record(f"{protocol} NOOP", results, [
+                (f"{protocol} NOOP p50 us", "p50_us"),
+                (f"{protocol} NOOP p99 us", "p99_us")])
+
+    def idle(self):
+        n = self.args.idle_sessions
+        with LightImap() as light:
+            # One round, no warm-up: a warm-up's freed memory would hide
+            # in the baseline.
+            results = self.compare(
+                "IMAP", False, light.port,
+                idle_sessions(n, self.args.idle_timeout),
+                lambda parts, cpu: parts[0], rounds=1, warmup=False)
+        self.record("idle", results, [
+            (f"idle IMAP sessions held (of {n})", "held"),
+            ("idle proxy PSS KiB/session", "pss_kib_per_session")])
 
 
 def rows_from(results, spec):
     """[(label, {target: value})] from results and [(label, key)]."""
     return [(label, {name: (r or {}).get(key) for name, r in results.items()})
             for label, key in spec]
-
-
-def run(args, backend, targets, workdir):
-    rows, errors, details = [], [], {}
-
-    def record(name, results, spec):
-        details[name] = results
-        rows.extend(rows_from(results, spec))
-        for target, r in results.items():
-            if r and (r.get("error_count") or r.get("error")):
-                errors.append(f"{target} {name}: {r.get('error') or r['errors']}")
-        print(f"done: {name}", file=sys.stderr, flush=True)
-
-    for protocol, client in CLIENTS.items():
-        port = backend.ports[protocol, False]
-        for c in args.concurrency if "logins" in args.workloads else ():
-            results = compare(targets, workdir, backend, protocol, False, port,
-                              measure_logins(args, backend, client, c), errors)
-            record(f"{protocol} logins c={c}", results, [
-                (f"{protocol} logins/s c={c}", "per_s"),
-                (f"{protocol} login p50 ms c={c}", "p50_ms"),
-                (f"{protocol} login p99 ms c={c}", "p99_ms")])
-    for protocol, client in CLIENTS.items():
-        for tls in (False, True) if "bulk" in args.workloads else ():
-            port = backend.ports[protocol, tls]
-            if port is None:
-                errors.append(f"{protocol} TLS bulk skipped: no TLS port or certificate")
-                continue
-            kind = "TLS" if tls else "plain"
-            results = compare(targets, workdir, backend, protocol, tls, port,
-                              measure_bulk(args, backend, client, tls), errors)
-            record(f"{protocol} bulk {kind}", results, [
-                (f"{protocol} bulk {kind} MiB/s", "mib_s"),
-                (f"{protocol} bulk {kind} proxy CPU s/GiB", "cpu_s_per_gib")])
-    for protocol, client in CLIENTS.items() if "noop" in args.workloads else ():
-        results = compare(targets, workdir, backend, protocol, False,
-                          backend.ports[protocol, False],
-                          measure_noop(args, backend, client), errors)
-        record(f"{protocol} NOOP", results, [
-            (f"{protocol} NOOP p50 us", "p50_us"),
-            (f"{protocol} NOOP p99 us", "p99_us")])
-    if args.idle_sessions and "idle" in args.workloads:
-        with LightImap() as light:
-            results = compare(targets, workdir, backend, "IMAP", False, light.port,
-                              measure_idle(args), errors)
-        n = args.idle_sessions
-        record("idle", results, [
-            (f"idle IMAP sessions held (of {n})", "held"),
-            (f"idle proxy PSS KiB/session", "pss_kib_per_session")])
-    return rows, errors, details
 
 
 def fmt(value):
@@ -740,17 +790,17 @@ def parse_args(argv=None):
                         "logins,bulk,noop,idle)")
     p.add_argument("--concurrency", default="1,16,32",
                    help="login concurrencies, comma-separated (default 1,16,32)")
-    p.add_argument("--duration", type=float, help="seconds per login and NOOP "
-                   "measurement (default 3, quick 1)")
-    p.add_argument("--warmup", type=float, default=0.3,
-                   help="seconds of unrecorded logins before each measurement")
+    p.add_argument("--duration", type=float, help="recorded seconds per target "
+                   "of each login and NOOP measurement (default 3, quick 1)")
+    p.add_argument("--rounds", type=int, help="the targets take turns this many "
+                   "times per measurement, after a warm-up turn; a bulk round is "
+                   "one fetch (default 3, quick 2)")
     p.add_argument("--max-sessions", type=int, default=100_000,
                    help="login sessions per measurement at most")
     p.add_argument("--noops", type=int, default=20_000, help="NOOPs per measurement at most")
     p.add_argument("--bulk-mib", type=int,
                    help="MiB of mail in the bulk mailbox (1 MiB messages; default 100, "
                         "quick 32); ignored with --imap-port")
-    p.add_argument("--reps", type=int, help="bulk fetches per measurement (default 3, quick 1)")
     p.add_argument("--idle-sessions", type=int,
                    help="idle sessions to hold (default 2000, quick 500; 0 skips; up "
                         "to 8000 fits the default file-descriptor limits)")
@@ -772,15 +822,18 @@ def parse_args(argv=None):
     if (args.imap_port is None) != (args.pop3_port is None):
         p.error("--imap-port and --pop3-port go together")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    args.workloads = args.workloads.split(",")
-    if set(args.workloads) - WORKLOADS:
-        p.error(f"--workloads: choose from {','.join(sorted(WORKLOADS))}")
+    chosen = set(args.workloads.split(","))
+    if chosen - set(WORKLOADS):
+        p.error(f"--workloads: choose from {','.join(WORKLOADS)}")
     quick = args.quick
-    defaults = {"duration": (3.0, 1.0), "bulk_mib": (100, 32), "reps": (3, 1),
+    defaults = {"duration": (3.0, 1.0), "bulk_mib": (100, 32), "rounds": (3, 2),
                 "idle_sessions": (2000, 500)}
     for name, (normal, short) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, short if quick else normal)
+    if not args.idle_sessions:
+        chosen.discard("idle")
+    args.workloads = [w for w in WORKLOADS if w in chosen]
     return args
 
 
@@ -813,8 +866,10 @@ def main(argv=None):
                               numbered_users(args.users),
                               (args.bulk_user, args.bulk_password))
         started = time.monotonic()
+        run = Run(args, backend, targets, workdir)
         try:
-            rows, errors, details = run(args, backend, targets, workdir)
+            for workload in args.workloads:
+                getattr(run, workload)()
         finally:
             if dovecot:
                 dovecot.stop()
@@ -824,6 +879,7 @@ def main(argv=None):
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     names = [t.name for t in targets]
+    rows, errors = run.rows, run.errors
     if args.json:
         json.dump({
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -834,7 +890,7 @@ def main(argv=None):
                       "ratios": {n: ratio(values.get(n), values.get("direct"))
                                  for n in names[1:]}}
                      for label, values in rows],
-            "details": details, "errors": errors}, sys.stdout, indent=1)
+            "details": run.details, "errors": errors}, sys.stdout, indent=1)
         print()
     else:
         print_table(rows, names)

@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Write man/perdition.8's option list and perdition.conf.sample from
+perdition.OPTIONS, so that --help, the man page and the sample configuration
+say the same thing.  Run it after changing the option table:
+
+    python3 man/generate.py
+"""
+
+import os
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import perdition  # noqa: E402
+
+BEGIN, END = ".\\\" BEGIN OPTIONS\n", ".\\\" END OPTIONS\n"
+
+
+def roff(text):
+    return text.replace("\\", "\\e").replace("-", "\\-")
+
+
+def default_text(option):
+    if option.default is None:
+        return None
+    return "off" if option.arg is None else '"%s"' % option.default
+
+
+def man_options():
+    lines = []
+    for option in perdition.OPTIONS:
+        names = ", ".join(
+            ["\\fB\\-%s\\fR" % option.short] * bool(option.short)
+            + ["\\fB\\-\\-%s\\fR" % roff(n)
+               for n in (option.long,) + option.aliases])
+        lines.append(".TP\n%s%s\n" % (names, " \\fI%s\\fR" % roff(option.arg)
+                                       if option.arg else ""))
+        lines.append(roff(option.help) + "\n")
+        default = default_text(option)
+        if default is not None:
+            lines.append(".br\n(default %s)\n" % roff(default))
+    return "".join(lines)
+
+
+def sample_config():
+    lines = ["# perdition.conf -- sample configuration, made from perdition's",
+             "# option table by man/generate.py.  Each line is <key> <value>;",
+             "# a key is a short or long option without dashes, a flag takes",
+             "# no value.  '#' starts a comment.  See perdition(8).", ""]
+    for option in perdition.OPTIONS:
+        if option.long in perdition.NOT_IN_CONFIG_FILE:
+            continue
+        lines.extend(textwrap.wrap(option.help, 76, initial_indent="# ",
+                                   subsequent_indent="# "))
+        if option.arg is None:
+            lines.append("#%s" % option.long)
+        elif not option.default:
+            lines.append("#%s %s" % (option.long, option.arg))
+        else:
+            lines.append("#%s %s" % (option.long, option.default))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    page = os.path.join(ROOT, "man", "perdition.8")
+    with open(page) as f:
+        text = f.read()
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    with open(page, "w") as f:
+        f.write(head + BEGIN + man_options() + END + tail)
+    with open(os.path.join(ROOT, "perdition.conf.sample"), "w") as f:
+        f.write(sample_config())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""--help, the man page and the sample configuration agree with the option
+table, perdition.OPTIONS, which is the one place options are defined."""
+
+import os
+import re
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "man"))
+
+import generate  # noqa: E402
+import perdition  # noqa: E402
+
+from helpers import run_perdition  # noqa: E402
+
+
+def read(*path):
+    with open(os.path.join(ROOT, *path)) as f:
+        return f.read()
+
+
+def test_man_page_and_sample_are_generated_from_the_table():
+    page = read("man", "perdition.8")
+    begin = page.index(generate.BEGIN) + len(generate.BEGIN)
+    assert page[begin:page.index(generate.END)] == generate.man_options()
+    assert read("perdition.conf.sample") == generate.sample_config()
+
+
+def test_help_is_the_usage_text():
+    result = run_perdition(["--help"])
+    assert result.returncode == 0
+    # The defaults under SYSCONFDIR follow the environment of the run.
+    sysconfdir = perdition_env_sysconfdir(result)
+    assert result.stdout == perdition.usage("perdition").replace(
+        perdition.SYSCONFDIR + "/", sysconfdir + "/")
+
+
+def perdition_env_sysconfdir(result):
+    match = re.search(r'--ssl_cert_file FILENAME:\n.*\(default "(.*)/'
+                      r'perdition.crt.pem"\)', result.stdout)
+    return match.group(1)
+
+
+@pytest.mark.parametrize("option", perdition.OPTIONS, ids=lambda o: o.long)
+def test_option_documented_everywhere(option):
+    text = perdition.usage("perdition")
+    entry = re.search(r"^%s\b.*:\n(.*)$" % re.escape(option.names), text,
+                      re.M)
+    assert entry, option.names
+    if option.default is not None:
+        expected = "off" if option.arg is None else '"%s"' % option.default
+        assert entry.group(1).endswith("(default %s)" % expected)
+    page = read("man", "perdition.8")
+    assert "\\fB\\-\\-%s\\fR" % option.long.replace("-", "\\-") in page
+    if option.long not in perdition.NOT_IN_CONFIG_FILE:
+        assert re.search(r"^#%s\b" % option.long,
+                         read("perdition.conf.sample"), re.M)
+
+
+def test_sample_configuration_values_are_valid(tmp_path):
+    """Every value the sample shows, uncommented, is accepted."""
+    lines = [line[1:] for line in read("perdition.conf.sample").splitlines()
+             if re.match(r"#[a-z_]+( |$)", line)]
+    keys = {line.split()[0] for line in lines}
+    assert keys == {o.long for o in perdition.OPTIONS
+                    if o.long not in perdition.NOT_IN_CONFIG_FILE}
+    skip = {"authenticate_in", "inetd_mode", "config_file"}
+    usable = []
+    for line in lines:
+        option = perdition.OPTIONS_BY_NAME[line.split()[0]]
+        if option.long not in skip and (option.arg is None
+                                        or option.default):
+            usable.append(line)
+    conf = tmp_path / "all.conf"
+    conf.write_text("\n".join(usable) + "\n")
+    config = perdition.Config(["perdition", "-f", str(conf)])
+    assert config.config_file == str(conf)
+    assert config.ok_line == "You are so in"
+    assert config.debug is True
