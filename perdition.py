@@ -434,6 +434,12 @@ def program_name(argv0):
     return name[:-3] if name.endswith(".py") else name
 
 
+def next_argument(args, name, option):
+    if not args:
+        raise OptionError("option %s needs %s" % (name, option.arg))
+    return args.pop(0)
+
+
 def parse_command_line(args):
     """Split the command line into [(Option, raw value)] in order."""
     settings = []
@@ -453,10 +459,7 @@ def parse_command_line(args):
                 settings.append((option, value if has_value else None))
                 continue
             if not has_value:
-                if not args:
-                    raise OptionError("option --%s needs %s"
-                                      % (name, option.arg))
-                value = args.pop(0)
+                value = next_argument(args, "--" + name, option)
             settings.append((option, value))
         elif arg.startswith("-") and len(arg) > 1:
             letters = arg[1:]
@@ -469,10 +472,7 @@ def parse_command_line(args):
                     settings.append((option, None))
                     continue
                 if not letters:
-                    if not args:
-                        raise OptionError("option -%s needs %s"
-                                          % (letter, option.arg))
-                    letters = args.pop(0)
+                    letters = next_argument(args, "-" + letter, option)
                 settings.append((option, letters))
                 break
         else:
@@ -627,6 +627,7 @@ class Config:
             if option.long in NOT_IN_CONFIG_FILE:
                 continue
             self.apply(option, value, "%s:%d: %s" % (path, lineno, key))
+            self.given.add(option.long)
 
     def derive(self):
         """Fill in what depends on other options; check combinations."""
@@ -2135,8 +2136,12 @@ class Perdition:
 
 class SessionHandler(socketserver.BaseRequestHandler):
     def handle(self):
-        Session(self.server.perdition, self.request,
-                self.server.hostname).run()
+        try:
+            session = Session(self.server.perdition, self.request,
+                              self.server.hostname)
+        except OSError:         # gone before we could look at it
+            return
+        session.run()
 
 
 class PerditionServer(socketserver.ThreadingTCPServer):
