@@ -48,8 +48,9 @@ LITERAL = re.compile(rb"\{(\d+)\}\r\n\Z")
 POP3_END = b"\r\n.\r\n"
 WORKLOADS = ("logins", "bulk", "noop", "idle")     # in the order they run
 
+# -f '': no configuration file, whatever the machine has in /etc/perdition.
 PERDITION_TEMPLATE = (
-    "{python} {perdition} -P {protocol} --no_daemon -F {log_file} "
+    "{python} {perdition} -f '' -P {protocol} --no_daemon -F {log_file} "
     "-b 127.0.0.1 -l {listen_port} -s 127.0.0.1:{backend_port} -M '' "
     "-u root -g root {ssl_args}")
 PERDITION_PROTOCOLS = {("IMAP", False): "IMAP4", ("IMAP", True): "IMAP4S",
@@ -626,7 +627,7 @@ class Run:
         drift falls on all of them alike.  merge(parts, proxy_cpu_seconds)
         makes each target's result; a target that fails gets None."""
         label = f"{protocol}{' TLS' if tls else ''}"
-        live, parts, cpu = {}, {}, {}
+        live, parts, cpu, failed = {}, {}, {}, set()
         try:
             for target in self.targets:
                 try:
@@ -638,21 +639,26 @@ class Run:
                 except Exception as exc:
                     self.errors.append(f"{target.name} {label}: {exc}")
             for n in range(rounds + warmup):
-                for name, (port, proxy) in list(live.items()):
+                for name, (port, proxy) in live.items():
+                    if name in failed:
+                        continue
                     if n == warmup and proxy:
                         cpu[name] = proxy.cpu_seconds()
                     try:
                         part = measure(port, proxy)
                     except Exception as exc:
                         self.errors.append(f"{name} {label}: {exc!r}")
-                        del live[name]
+                        failed.add(name)
                         continue
                     if n >= warmup:
                         parts[name].append(part)
             time.sleep(0.1)     # let the proxies account for the last sessions
-            return {t.name: merge(parts[t.name], live[t.name][1] and
-                                  live[t.name][1].cpu_seconds() - cpu[t.name])
-                    if t.name in live else None for t in self.targets}
+            results = dict.fromkeys(t.name for t in self.targets)
+            for name, (port, proxy) in live.items():
+                if name not in failed:
+                    used = proxy.cpu_seconds() - cpu[name] if proxy else None
+                    results[name] = merge(parts[name], used)
+            return results
         finally:
             for port, proxy in live.values():
                 if proxy:
