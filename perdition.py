@@ -18,6 +18,7 @@ handling; back-end selection; TLS and connections; the two protocols; the
 session; the pump; the server and main().
 """
 
+import _thread
 import _strptime        # noqa: F401  imported now: after setuid the
 import encodings.idna   # noqa: F401  library may no longer be readable
 import fcntl
@@ -33,6 +34,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import struct
 import sys
 import syslog
 import tempfile
@@ -1138,12 +1140,13 @@ class Connection:
     the wire in the order OpenSSL made them.
     """
 
+    __slots__ = ("sock", "buffer", "tls", "_incoming", "_outgoing",
+                 "_tls_lock", "_send_lock")
+
     def __init__(self, sock):
         self.sock = sock
         self.buffer = bytearray()   # read but not yet consumed
         self.tls = None
-        self._tls_lock = threading.Lock()
-        self._send_lock = threading.Lock()
 
     def fileno(self):
         return self.sock.fileno()
@@ -1156,6 +1159,8 @@ class Connection:
         sent ahead of the handshake must never count as protected data."""
         self.buffer.clear()
         self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._tls_lock = threading.Lock()
+        self._send_lock = threading.Lock()
         tls = context.wrap_bio(self._incoming, self._outgoing,
                                server_side=server_side,
                                server_hostname=server_hostname)
@@ -1182,22 +1187,39 @@ class Connection:
             return self.sock.recv(size)
         while True:
             with self._tls_lock:
-                try:
-                    data = self.tls.read(size)
-                except ssl.SSLWantReadError:
-                    data = None
-                except ssl.SSLZeroReturnError:
-                    data = b""
+                data = self._read_records(size)
                 pending = self._outgoing.pending
             if pending and self._send_lock.acquire(blocking=False):
                 self._send_pending()
             if data is not None:
                 return data
+            # Wait without holding a buffer: idle sessions are many.
+            if not self.sock.recv(1, socket.MSG_PEEK):
+                return b""
             raw = self.sock.recv(BUFFER_SIZE)
             if not raw:
                 return b""
             with self._tls_lock:
                 self._incoming.write(raw)
+
+    def _read_records(self, size):
+        """Up to `size` bytes of plaintext, as many records as are in;
+        None when a record is incomplete, b'' at the end.  Called holding
+        _tls_lock."""
+        chunks, total = [], 0
+        try:
+            while total < size:
+                chunk = self.tls.read(size - total)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+        except ssl.SSLWantReadError:
+            if not chunks:
+                return None
+        except ssl.SSLZeroReturnError:
+            pass
+        return b"".join(chunks)
 
     def _send_pending(self):
         """Send what OpenSSL has made; called holding _send_lock, which it
@@ -1299,6 +1321,7 @@ class POP3:
     name = "POP3"
     map_name = "pop3"
     start_tls_command = "STLS"
+    __slots__ = ("session", "config")
 
     def __init__(self, session):
         self.session = session
@@ -1425,6 +1448,7 @@ class IMAP4:
     name = "IMAP4"
     map_name = "imap"
     start_tls_command = "STARTTLS"
+    __slots__ = ("session", "config", "tag", "server_tag")
 
     def __init__(self, session):
         self.session = session
@@ -1655,7 +1679,15 @@ def plain_address(address):
 
 
 class Session:
-    """One client connection: greeting, login loop, then the pump."""
+    """One client connection: greeting, login loop, then the pump.
+
+    Sessions, connections and pumps have __slots__: thousands of idle
+    sessions are held at once."""
+
+    __slots__ = ("perdition", "config", "client", "client_ip", "client_port",
+                 "server_ip", "server_port", "hostname", "inetd_pid",
+                 "protocol", "user", "password", "backend", "attempts",
+                 "received", "sent", "tls_probe")
 
     def __init__(self, perdition, sock, hostname, inetd_pid=None):
         self.perdition = perdition
@@ -1671,6 +1703,7 @@ class Session:
         self.backend = None
         self.attempts = 0
         self.received = self.sent = 0
+        self.tls_probe = None
 
     def run(self):
         config = self.config
@@ -1819,11 +1852,17 @@ class Session:
             if self.config.no_lookup else 0
         failure = "Could not connect to server"
         try:
-            addresses = socket.getaddrinfo(backend.host, backend.port, 0,
-                                           socket.SOCK_STREAM, 0, flags)
-        except (OSError, UnicodeError) as e:
-            raise LoginFailure("Could not resolve %s: %s"
-                               % (backend.host, e), failure) from None
+            family = socket.AF_INET6 if ipaddress.ip_address(
+                backend.host).version == 6 else socket.AF_INET
+            addresses = [(family, socket.SOCK_STREAM, 0, "",
+                          (backend.host, backend.port))]
+        except ValueError:      # a name: resolve it
+            try:
+                addresses = socket.getaddrinfo(backend.host, backend.port, 0,
+                                               socket.SOCK_STREAM, 0, flags)
+            except (OSError, UnicodeError) as e:
+                raise LoginFailure("Could not resolve %s: %s"
+                                   % (backend.host, e), failure) from None
         error = None
         for family, kind, proto, _, address in addresses:
             sock = socket.socket(family, kind, proto)
@@ -1914,8 +1953,9 @@ PIPE_SIZE = 256 * 1024
 class PipePool:
     """Pipes for os.splice, shared by all sessions.
 
-    A pump holds a pipe only while bytes flow, so idle sessions cost no
-    file descriptors beyond their two sockets.
+    A pump holds a pipe only during a burst of bulk data, so idle sessions
+    cost no file descriptors beyond their two sockets.  A pipe is
+    (read end, write end, capacity).
     """
 
     def __init__(self, keep=64):
@@ -1929,10 +1969,10 @@ class PipePool:
                 return self._pipes.pop()
         read, write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except (OSError, AttributeError):
-            pass
-        return read, write
+            size = fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            size = fcntl.fcntl(write, fcntl.F_GETPIPE_SZ)
+        return read, write, size
 
     def put(self, pipe, clean):
         """Keep an empty pipe for the next burst; close one with data in."""
@@ -1948,11 +1988,18 @@ class Pump:
     """Copies bytes both ways, unchanged, until either side closes.
 
     The session's thread copies client to server and one more thread copies
-    server to client.  Between two plaintext sockets the bytes go through a
-    pipe with os.splice and never enter Python; with TLS on either side they
-    pass through Connection, which serialises OpenSSL calls.  The idle
-    timeout counts activity in either direction.
+    server to client.  The idle timeout counts activity in either direction.
+
+    Between two plaintext sockets the sockets block, with SO_RCVTIMEO and
+    SO_SNDTIMEO as the idle clock's tick, so a small message costs a
+    peek, one recv() and one send(); once a read fills the buffer, the
+    burst goes through a pipe with os.splice and never enters Python.  With TLS on
+    either side the bytes pass through Connection, which serialises the
+    calls on each SSL object.
     """
+
+    __slots__ = ("session", "client", "server", "timeout", "last_activity",
+                 "tick")
 
     def __init__(self, session, server):
         self.session = session
@@ -1970,21 +2017,32 @@ class Pump:
         if client.buffer:
             session.received += len(client.buffer)
             server.sendall(client.recv(len(client.buffer)))
-        if SPLICE and client.tls is None and server.tls is None:
-            copy = self.splice
-            client.sock.setblocking(False)
-            server.sock.setblocking(False)
+        if client.tls is None and server.tls is None:
+            copy = self.plain
+            for sock in (client.sock, server.sock):
+                self.block_with_tick(sock)
         else:
             copy = self.stream
             client.settimeout(self.tick)
             server.settimeout(self.tick)
-        other = threading.Thread(target=self.copy, daemon=True,
-                                 args=(copy, server, client, "sent"))
-        other.start()
+        done = _thread.allocate_lock()
+        done.acquire()
+        _thread.start_new_thread(self.copy, (copy, server, client, "sent",
+                                             done))
         self.copy(copy, client, server, "received")
-        other.join()
+        done.acquire()
 
-    def copy(self, copy, source, destination, counter):
+    def block_with_tick(self, sock):
+        sock.settimeout(None)
+        if self.tick:
+            tick = struct.pack("ll", int(self.tick),
+                               int(self.tick % 1 * 1000000))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tick)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tick)
+
+    def copy(self, copy, source, destination, counter, done=None):
+        """One direction; the first to end shuts both sockets down, which
+        ends the other.  `done` is released at the end."""
         try:
             copy(source, destination, counter)
         except TimeoutError:
@@ -1994,6 +2052,8 @@ class Pump:
         finally:
             source.shutdown()
             destination.shutdown()
+            if done is not None:
+                done.release()
 
     def idle(self):
         """Called when a wait times out: raise TimeoutError when neither
@@ -2001,11 +2061,14 @@ class Pump:
         if time.monotonic() - self.last_activity >= self.timeout:
             raise TimeoutError
 
-    def stream(self, source, destination, counter):
+    def count(self, counter, size):
         session = self.session
+        setattr(session, counter, getattr(session, counter) + size)
+
+    def stream(self, source, destination, counter):
         while True:
             try:
-                data = source.recv(BUFFER_SIZE)
+                data = source.recv(PIPE_SIZE)
             except TimeoutError:
                 self.idle()
                 continue
@@ -2013,48 +2076,69 @@ class Pump:
                 return
             self.last_activity = time.monotonic()
             destination.sendall(data)
-            setattr(session, counter, getattr(session, counter) + len(data))
+            self.count(counter, len(data))
 
-    def wait(self, fd, event):
-        poller = select.poll()
-        poller.register(fd, event)
-        timeout = self.tick * 1000 if self.tick else None
-        while not poller.poll(timeout):
-            self.idle()
+    def plain(self, source, destination, counter):
+        receive, send = source.sock.recv, destination.sock.send
+        while True:
+            try:    # wait without holding a buffer: idle sessions are many
+                if not receive(1, socket.MSG_PEEK):
+                    return
+            except BlockingIOError:
+                self.idle()
+                continue
+            data = receive(BUFFER_SIZE, socket.MSG_DONTWAIT)
+            self.last_activity = time.monotonic()
+            try:
+                sent = send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):
+                self.send_rest(send, memoryview(data)[sent:])
+            self.count(counter, len(data))
+            if SPLICE and len(data) == BUFFER_SIZE and \
+                    not self.splice(source.fileno(), destination.fileno(),
+                                    counter):
+                return
+
+    def send_rest(self, send, view):
+        while view:
+            try:
+                view = view[send(view):]
+            except BlockingIOError:
+                self.idle()
 
     def splice(self, source, destination, counter):
-        session = self.session
-        pipes = session.perdition.pipes
-        source_fd, destination_fd = source.fileno(), destination.fileno()
-        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-        while True:
-            self.wait(source_fd, select.POLLIN)
-            pipe = pipes.get()
-            clean = False
-            try:
-                while True:
+        """Move a burst through a pipe; False at end of input."""
+        pipes = self.session.perdition.pipes
+        pipe = pipes.get()
+        read, write, capacity = pipe
+        clean = False
+        try:
+            while True:
+                try:
+                    size = os.splice(source, write, capacity)
+                except BlockingIOError:
+                    self.idle()
+                    continue
+                if not size:
+                    clean = True
+                    return False
+                self.last_activity = time.monotonic()
+                burst = size >= BUFFER_SIZE
+                while size:
                     try:
-                        size = os.splice(source_fd, pipe[1], PIPE_SIZE,
-                                         flags=flags)
+                        moved = os.splice(read, destination, size)
                     except BlockingIOError:
-                        clean = True
-                        break
-                    if not size:
-                        clean = True
-                        return
-                    self.last_activity = time.monotonic()
-                    while size:
-                        try:
-                            moved = os.splice(pipe[0], destination_fd, size,
-                                              flags=flags)
-                        except BlockingIOError:
-                            self.wait(destination_fd, select.POLLOUT)
-                            continue
-                        size -= moved
-                        setattr(session, counter,
-                                getattr(session, counter) + moved)
-            finally:
-                pipes.put(pipe, clean)
+                        self.idle()
+                        continue
+                    size -= moved
+                    self.count(counter, moved)
+                if not burst:
+                    clean = True
+                    return True
+        finally:
+            pipes.put(pipe, clean)
 
 
 # ---------------------------------------------------------------------------
@@ -2145,10 +2229,13 @@ class SessionHandler(socketserver.BaseRequestHandler):
 
 
 class PerditionServer(socketserver.ThreadingTCPServer):
-    """One listening address.  Threads are daemons and not tracked by
-    socketserver (block_on_close would walk a list on every accept)."""
+    """One listening address, a thread per connection.
 
-    daemon_threads = True
+    The threads are bare _thread threads, neither tracked nor joined:
+    threading.Thread's bookkeeping costs kilobytes per session, and
+    block_on_close would walk a list of them on every accept.
+    """
+
     block_on_close = False
     allow_reuse_address = True
     request_queue_size = getattr(socket, "SOMAXCONN", 128)
@@ -2180,7 +2267,8 @@ class PerditionServer(socketserver.ThreadingTCPServer):
             self.shutdown_request(request)
             return
         try:
-            super().process_request(request, client_address)
+            _thread.start_new_thread(self.process_request_thread,
+                                     (request, client_address))
         except BaseException:
             self.perdition.release()
             raise
