@@ -726,6 +726,8 @@ class Log:
         self.debug_enabled = False
         self.quiet = False
         self.lock = threading.Lock()
+        self._second = None
+        self._stamp = ""
 
     def configure(self, config):
         self.ident = config.basename
@@ -752,11 +754,15 @@ class Log:
         if self.use_syslog:
             syslog.syslog(priority, message)
             return
-        stamp = time.strftime("%b %d %H:%M:%S")
-        line = "%s %s[%d]: %s\n" % (stamp, self.ident, os.getpid(), message)
+        now = (int(time.time()), os.getpid())
         with self.lock:
+            if now != self._second:     # a timestamp made once a second
+                self._second = now
+                self._stamp = "%s %s[%d]: " % (time.strftime(
+                    "%b %d %H:%M:%S", time.localtime(now[0])), self.ident,
+                    now[1])
             try:
-                self.stream.write(line)
+                self.stream.write(self._stamp + message + "\n")
                 self.stream.flush()
             except (OSError, ValueError):
                 pass
