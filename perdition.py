@@ -1293,9 +1293,9 @@ class Connection:
         del self.buffer[:size]
         return data
 
-    def shutdown(self):
+    def shutdown(self, how=socket.SHUT_RDWR):
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(how)
         except OSError:
             pass
 
@@ -2047,17 +2047,23 @@ class Pump:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tick)
 
     def copy(self, copy, source, destination, counter, done=None):
-        """One direction; the first to end shuts both sockets down, which
-        ends the other.  `done` is released at the end."""
+        """One direction.  The end of the client's input is passed on as a
+        half-close, so that the server's last words still reach the client;
+        any other end shuts both sockets down, which ends the other
+        direction too.  `done` is released at the end."""
+        how = socket.SHUT_RDWR
         try:
             copy(source, destination, counter)
+            if source is self.client:
+                how = socket.SHUT_WR
         except TimeoutError:
             log.info("%s: idle timeout" % self.session.client_ip)
         except (OSError, ssl.SSLError, ValueError) as e:
             log.debug("%s: %s" % (self.session.client_ip, e))
         finally:
-            source.shutdown()
-            destination.shutdown()
+            destination.shutdown(how)
+            if how == socket.SHUT_RDWR:
+                source.shutdown()
             if done is not None:
                 done.release()
 
