@@ -112,8 +112,8 @@ PROGRAM_PROTOCOLS = {"pop3": "POP3", "pop3s": "POP3S", "imap4": "IMAP4",
                      "imap4s": "IMAP4S", "imaps": "IMAP4S"}
 
 HOSTNAME_RE = re.compile(
-    r"(?=.{1,253}$)(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
-    r"(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?$")
+    r"(?=.{1,253}\Z)(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
+    r"(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?\Z")
 
 
 def parse_flag(value):
@@ -1438,10 +1438,10 @@ class POP3:
         return self.command(server, "PASS %s" % password, "PASS XXXXXX")
 
 
-IMAP_TAG_RE = re.compile(rb'[\x21\x23\x24\x26\x27\x2c-\x5b\x5e-\x7a\x7c\x7e]+$')
+IMAP_TAG_RE = re.compile(rb'[\x21\x23\x24\x26\x27\x2c-\x5b\x5e-\x7a\x7c-\x7e]+\Z')
 IMAP_ATOM_RE = re.compile(rb'[^\x00-\x20(){%*"\\\x7f]+')
-IMAP_LITERAL_RE = re.compile(rb'\{(\d{1,10})(\+?)\}$')
-IMAP_QUOTABLE_RE = re.compile(rb'[\x20-\x7e]*$')
+IMAP_LITERAL_RE = re.compile(rb'\{(\d{1,10})(\+?)\}\Z')
+IMAP_QUOTABLE_RE = re.compile(rb'[\x20-\x7e]*\Z')
 
 
 class IMAP4:
