@@ -383,7 +383,8 @@ OPTIONS = [
     Option(None, "ssl_mode", "MODE", None,
            "Comma list of none, ssl_listen, ssl_outgoing, ssl_all, "
            "tls_listen, tls_outgoing, tls_all, tls_listen_force, "
-           "tls_outgoing_force, tls_all_force (POP3S/IMAP4S: ssl_all).",
+           "tls_outgoing_force, tls_all_force (default none; POP3S and "
+           "IMAP4S: ssl_all).",
            parse_ssl_mode),
     Option(None, "ssl_ca_chain_file", "FILENAME", "",
            "CA certificates that complete the chain of --ssl_cert_file; "
@@ -565,7 +566,7 @@ class Config:
         given = {}
         for option, value in command_line:
             given[option.long] = self.apply(option, value, "option %s"
-                                            % option.names.split(",")[0])
+                                            % option.names)
         self.given = set(given)
         if self.help:
             return
@@ -576,8 +577,7 @@ class Config:
         if self.config_file:
             self.read_file(self.config_file)
             for option, value in command_line:  # the command line wins
-                self.apply(option, value, "option %s"
-                           % option.names.split(",")[0])
+                self.apply(option, value, "option %s" % option.names)
         self.derive()
 
     def set_defaults(self):
@@ -812,7 +812,7 @@ class UserNames:
     def rewrite(self, user, state, server_ip):
         if state in self.strip_states:
             user = self.split(user)[0]
-        if state in self.add_states:
+        if state in self.add_states and self.delimiter not in user:
             domain = self.domain_for(server_ip)
             if domain:
                 user = user + self.delimiter + domain
@@ -1022,8 +1022,9 @@ def make_listen_context(config):
 def make_outgoing_context(config, trust=None):
     """The client-side context: verification is on unless options say not.
 
-    `trust` adds one certificate (DER) to the trusted ones, for a real
-    server whose self-signed certificate --ssl_*_accept_self_signed allows.
+    `trust` is one certificate (DER) to trust instead of the CA files, for
+    a real server whose self-signed certificate --ssl_*_accept_self_signed
+    allows.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -1036,7 +1037,11 @@ def make_outgoing_context(config, trust=None):
         context.verify_mode = ssl.CERT_NONE
         return context
     context.check_hostname = not config.ssl_no_cn_verify
-    if config.ssl_ca_chain_file:
+    if trust is not None:
+        # That certificate is all its server is trusted with; the CA files
+        # were read at start-up, as root, and may be unreadable now.
+        context.load_verify_locations(cadata=trust)
+    elif config.ssl_ca_chain_file:
         _load("ssl_ca_chain_file", context.load_verify_locations,
               config.ssl_ca_chain_file)
     else:
@@ -1045,13 +1050,15 @@ def make_outgoing_context(config, trust=None):
                               ("ssl_ca_path", "capath")):
             path = getattr(config, name)
             if path and (name in config.given or os.path.exists(path)):
+                # OpenSSL looks into a CA directory only when verifying.
+                if keyword == "capath" and not os.path.isdir(path):
+                    raise OptionError("option --ssl_ca_path: %s: No such "
+                                      "directory" % path)
                 _load(name, lambda p, k=keyword:
                       context.load_verify_locations(**{k: p}), path)
                 loaded = True
         if not loaded:
             context.load_default_certs()
-    if trust is not None:
-        context.load_verify_locations(cadata=trust)
     if config.ssl_cert_accept_expired or config.ssl_cert_accept_not_yet_valid:
         context.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
     return context
@@ -1126,14 +1133,14 @@ class OutgoingTLS:
             raise ssl.SSLError("certificate chain longer than "
                                "ssl_cert_verify_depth %d"
                                % config.ssl_cert_verify_depth)
-        cert = chain[0].get_info()
         now = time.time()
-        if not config.ssl_cert_accept_expired and \
-                ssl.cert_time_to_seconds(cert["notAfter"]) < now:
-            raise ssl.SSLError("certificate has expired")
-        if not config.ssl_cert_accept_not_yet_valid and \
-                ssl.cert_time_to_seconds(cert["notBefore"]) > now:
-            raise ssl.SSLError("certificate is not yet valid")
+        for cert in (c.get_info() for c in chain):    # the CAs' dates too
+            if not config.ssl_cert_accept_expired and \
+                    ssl.cert_time_to_seconds(cert["notAfter"]) < now:
+                raise ssl.SSLError("certificate has expired")
+            if not config.ssl_cert_accept_not_yet_valid and \
+                    ssl.cert_time_to_seconds(cert["notBefore"]) > now:
+                raise ssl.SSLError("certificate is not yet valid")
 
 
 class Connection:
@@ -1294,10 +1301,31 @@ class Connection:
         return data
 
     def shutdown(self, how=socket.SHUT_RDWR):
+        if self.tls is not None:
+            self._close_notify()
         try:
             self.sock.shutdown(how)
         except OSError:
             pass
+
+    def _close_notify(self):
+        """TLS ends with a close_notify alert; without it clients such as
+        openssl s_client report a truncation.  Skipped while the other
+        thread is sending: records must not interleave."""
+        if not self._send_lock.acquire(blocking=False):
+            return
+        try:
+            with self._tls_lock:
+                try:
+                    self.tls.unwrap()
+                except ssl.SSLError:    # the peer's close_notify is not in
+                    pass
+                data = self._outgoing.read()
+            self.sock.send(data, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        finally:
+            self._send_lock.release()
 
     def close(self):
         self.shutdown()
@@ -2441,7 +2469,7 @@ def main(argv=None):
     except OptionError as e:
         name = program_name(argv[0] if argv else "perdition")
         sys.stderr.write("%s: %s\n" % (name, e))
-        if log.stream is not sys.stderr:
+        if log.use_syslog or log.stream is not sys.stderr:
             log.err("Fatal error: %s" % e)
         return 1
     raise_file_limit(config)

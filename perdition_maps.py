@@ -117,6 +117,7 @@ try:
     import dbm.ndbm
 except ImportError:
     pass
+import encodings.latin_1  # noqa: F401  dbm.dumb's index is read as Latin-1
 import http.client
 import importlib.util
 import os
