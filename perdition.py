@@ -488,7 +488,8 @@ def read_config_file(path):
 
     Keys are short or long option names; '#' starts a comment; a backslash
     makes the next character literal and joins lines; '...' is all literal
-    and "..." is literal but for '"'.  A key alone is a flag (value None).
+    and "..." is literal but for "'" (as the manual says: the original
+    nests a '...' there).  A key alone is a flag (value None).
     """
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         text = f.read()
@@ -498,11 +499,13 @@ def read_config_file(path):
         c = text[i] if i < len(text) else "\n"
         i += 1
         if quote:
-            if c == quote:
-                quote = None
+            if c == quote[-1]:
+                quote = quote[:-1]
             elif c == "\n" and i > len(text):
                 raise OptionError("%s:%d: unterminated quote"
                                   % (path, start_line))
+            elif c == "'" and quote == '"':     # '...' nests in "..."
+                quote += c
             else:
                 lineno += c == "\n"
                 chars.append((c, True))
@@ -812,6 +815,7 @@ class UserNames:
     def rewrite(self, user, state, server_ip):
         if state in self.strip_states:
             user = self.split(user)[0]
+        # As in the original, a name that has a domain keeps it.
         if state in self.add_states and self.delimiter not in user:
             domain = self.domain_for(server_ip)
             if domain:
@@ -2480,7 +2484,8 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: perdition.reload())
-    threads = [threading.Thread(target=server.serve_forever, daemon=True)
+    threads = [threading.Thread(target=server.serve_forever, daemon=True,
+                                args=(0.1,))    # a stop waits this long
                for server in servers]
     if config.connect_relog:
         threads.append(threading.Thread(target=perdition.relog, daemon=True,
