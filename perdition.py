@@ -2427,9 +2427,12 @@ def serve_inetd(perdition):
     try:
         sock = socket.socket(fileno=os.dup(0))
         sock.getpeername()
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
     except OSError:
+        tcp = False
+    if not tcp:     # the log and the maps need the client's IP address
         raise OptionError("option -i, --inetd_mode: standard input is not "
-                          "a connected socket") from None
+                          "a connected TCP socket")
     host = config.bind_address[0][0] if config.bind_address else None
     Session(perdition, sock, greeting_hostname(config, host),
             inetd_pid=os.getpid()).run()

@@ -1,0 +1,248 @@
+"""What the POP3 and IMAP4 end-to-end tests share.
+
+Dovecot is the back-end wherever it can show the behaviour; a scripted
+back-end plays the servers Dovecot cannot be made into -- one that hangs,
+drops the connection half-way, greets like perdition itself -- and keeps
+every byte perdition sends it, so a test can prove what did and did not
+reach the real server.  Every wait here is bounded in time.
+"""
+
+import os
+import random
+import socket
+import subprocess
+import threading
+import time
+
+from dovecot import Dovecot, default_users
+from helpers import TIMEOUT
+
+__all__ = ["SPECIAL_USERS", "special_dovecot", "ScriptedBackend", "Peer",
+           "big_message", "usage", "settled_usage", "wait_for_usage",
+           "wait_for_eof", "curl"]
+
+# Users whose names or passwords need quoting or a literal on the way to
+# the real server.
+SPECIAL_USERS = {
+    "quoter": 'p a"s\\s',           # space, quote and backslash
+    "j\u00fcrgen": "p\u00e4ssw\u00f6rd",     # UTF-8 name and password
+}
+
+
+def special_dovecot(tmpdir):
+    """A Dovecot with the default users and SPECIAL_USERS; Dovecot refuses
+    user names outside a small ASCII set unless told otherwise."""
+    return Dovecot(tmpdir, users={**default_users(), **SPECIAL_USERS},
+                   extra="auth_username_chars =\n")
+
+
+def big_message(size, seed):
+    """An RFC 5322 message of about *size* bytes with CRLF line endings.
+
+    The body is random base64 text, with lines that a POP3 server must
+    dot-stuff (a lone '.', '..', '.x') scattered in it, so that a byte
+    lost, added or reordered anywhere shows.
+    """
+    rng = random.Random(seed)
+    lines = [b"From: bob@localhost", b"To: alice@localhost",
+             b"Subject: big message %d" % seed, b""]
+    total = 0
+    while total < size:
+        if rng.random() < 0.01:
+            line = rng.choice([b".", b"..", b".dot", b". space"])
+        else:
+            line = rng.randbytes(rng.randrange(1, 58)).hex().encode()
+        lines.append(line)
+        total += len(line) + 2
+    return b"\r\n".join(lines) + b"\r\n"
+
+
+# ---------------------------------------------------------------------------
+# The perdition process's threads and file descriptors
+# ---------------------------------------------------------------------------
+
+def usage(pid):
+    """(threads, open file descriptors) of process *pid*."""
+    with open(f"/proc/{pid}/status") as f:
+        threads = next(int(line.split()[1]) for line in f
+                       if line.startswith("Threads:"))
+    return threads, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _sessions_open(perdition):
+    log = perdition.log()
+    return log.count("]: Connect: ") - log.count("]: Close: ")
+
+
+def settled_usage(perdition, timeout=5):
+    """usage() once every session perdition logged has closed and the
+    counts have stopped moving: the baseline to come back to."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        now = usage(perdition.pid)
+        if now == last and not _sessions_open(perdition):
+            return now
+        if time.monotonic() > deadline:
+            raise AssertionError(f"perdition did not settle: usage {now}, "
+                                 f"{_sessions_open(perdition)} sessions open")
+        last = now
+        time.sleep(0.1)
+
+
+def wait_for_usage(perdition, baseline, timeout=5):
+    """Wait until perdition uses no more threads and descriptors than
+    *baseline*; fail with what it holds after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = usage(perdition.pid)
+        if all(n <= b for n, b in zip(now, baseline)):
+            return now
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"(threads, fds) {now} still above the baseline {baseline} "
+                f"after {timeout} s; descriptors: "
+                f"{os.listdir(f'/proc/{perdition.pid}/fd')}")
+        time.sleep(0.05)
+
+
+def wait_for_eof(client, timeout=TIMEOUT):
+    """Return what *client* (a RawClient) receives until the other side
+    closes; fail if it is still open after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    data, client.buffer = bytearray(client.buffer), b""
+    while True:
+        client.sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            chunk = client.sock.recv(65536)
+        except socket.timeout:
+            raise AssertionError(f"still open after {timeout} s; received "
+                                 f"{bytes(data[-200:])!r}") from None
+        if not chunk:
+            return bytes(data)
+        data += chunk
+
+
+# ---------------------------------------------------------------------------
+# A scripted back-end
+# ---------------------------------------------------------------------------
+
+class Peer:
+    """The scripted server's end of one connection; everything received
+    is kept in `received`."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = b""
+        self.received = bytearray()
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def _fill(self):
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError
+        self.received += data
+        self.buffer += data
+
+    def readline(self):
+        """One line with its ending; EOFError at the end of input."""
+        while b"\n" not in self.buffer:
+            self._fill()
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line + b"\n"
+
+    def read_exact(self, size):
+        while len(self.buffer) < size:
+            self._fill()
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def wait_for_close(self):
+        """Read (and keep) everything until the other side closes."""
+        try:
+            while True:
+                self._fill()
+        except EOFError:
+            pass
+
+
+class ScriptedBackend:
+    """A server on a loopback port (*port*, or a free one): `script`, a
+    function of a Peer, plays each connection in a thread of its own.
+
+    Tests may swap `script` between connections; reset() also forgets the
+    connections so far.
+    """
+
+    def __init__(self, script, port=0):
+        self.script = script
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.peers = []
+        self.sockets = []
+        self.threads = []
+        self.stopping = threading.Event()
+        self.acceptor = threading.Thread(target=self._accept, daemon=True)
+        self.acceptor.start()
+
+    def _accept(self):
+        while not self.stopping.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            sock.settimeout(TIMEOUT)
+            peer = Peer(sock)
+            self.peers.append(peer)
+            self.sockets.append(sock)
+            thread = threading.Thread(target=self._serve,
+                                      args=(self.script, peer), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    @staticmethod
+    def _serve(script, peer):
+        try:
+            script(peer)
+        except (OSError, EOFError):
+            pass
+        finally:
+            peer.sock.close()
+
+    def reset(self, script):
+        self.script = script
+        self.peers = []
+
+    def received(self):
+        """Everything every connection since the last reset() received."""
+        return b"".join(bytes(peer.received) for peer in self.peers)
+
+    def close(self):
+        self.stopping.set()
+        self.acceptor.join(TIMEOUT)
+        self.listener.close()
+        for sock in self.sockets:       # ends the scripts that still read
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self.threads:
+            thread.join(TIMEOUT)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def curl(*args):
+    """Run curl with *args*; return its standard output (bytes)."""
+    result = subprocess.run(["curl", "--silent", "--show-error",
+                             "--max-time", str(TIMEOUT), *map(str, args)],
+                            capture_output=True, timeout=TIMEOUT + 5)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    return result.stdout

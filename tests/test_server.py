@@ -1,0 +1,476 @@
+"""The listening server (issue 2, item 2): ports and addresses, the
+connection limit, daemonising with a pid file, dropping privileges, inetd
+mode, many sessions at once without leaks, and the authentication timeout.
+
+perdition runs as root here, as an administrator starts it, so it drops to
+nobody (or -u/-g) after binding; the tests read the result in /proc.
+"""
+
+import grp
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from dovecot import free_port
+from helpers import (PERDITION, Perdition, RawClient, TIMEOUT, imap_connect,
+                     perdition_env)
+from support import settled_usage, wait_for_usage
+
+sys.path.insert(0, os.path.dirname(PERDITION))
+import perdition  # noqa: E402
+
+as_root = pytest.mark.skipif(os.geteuid() != 0,
+                             reason="changing user needs root")
+
+
+def has_ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+IPV6 = has_ipv6_loopback()
+
+
+def wait_until(predicate, timeout=TIMEOUT, what="condition"):
+    """Poll *predicate* until it is true; fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("%s not met within %s s" % (what, timeout))
+        time.sleep(0.02)
+
+
+def accepts(host, port):
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def proc_status(pid):
+    """/proc/<pid>/status as {field: [values]}."""
+    with open("/proc/%d/status" % pid) as f:
+        return {key: value.split() for key, _, value in
+                (line.partition(":") for line in f)}
+
+
+def alive(pid):
+    """True if *pid* exists and is not a zombie."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def imap_session(client, user="alice", password="alicepw"):
+    """Log in, NOOP and log out over a RawClient that has read the
+    greeting; the connection must then end."""
+    client.send(b"a LOGIN %s %s\r\n" % (user.encode(), password.encode()))
+    assert client.readline() == b"a OK You are so in\r\n"
+    client.send(b"b NOOP\r\n")
+    assert client.read_until(b"\r\n", TIMEOUT).startswith(b"b OK")
+    client.send(b"c LOGOUT\r\n")
+    assert b"\r\nc OK" in client.read_until(b"\r\nc OK")
+    client.read_until(b"\r\n")
+    assert client.readline() == b""
+
+
+def pop3_session(client, user="alice", password="alicepw"):
+    client.send(b"USER %s\r\n" % user.encode())
+    assert client.readline().startswith(b"+OK")
+    client.send(b"PASS %s\r\n" % password.encode())
+    assert client.readline() == b"+OK You are so in\r\n"
+    client.send(b"STAT\r\n")
+    assert client.readline().startswith(b"+OK ")
+    client.send(b"QUIT\r\n")
+    assert client.readline().startswith(b"+OK")
+    assert client.readline() == b""
+
+
+@pytest.fixture(scope="module")
+def proxy(dovecot, tmp_path_factory):
+    """One IMAP perdition with the default options, for the tests that
+    need nothing special."""
+    with Perdition([], "IMAP4", tmp_path_factory.mktemp("proxy"),
+                   dovecot.imap_port) as running:
+        yield running
+
+
+# ---------------------------------------------------------------------------
+# Ports and addresses
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, port", [("pop3", 110), ("pop3s", 995),
+                                        ("imap2", 143), ("imaps", 993)])
+def test_port_names_from_etc_services(name, port):
+    """A named port is looked up in /etc/services; binding port 110 and
+    friends would clash with the machine, so the parse is what is tested."""
+    config = perdition.Config(["perdition", "-f", "", "-l", name,
+                               "-p", name, "-s", "mail.example.net:" + name,
+                               "-b", "127.0.0.1:" + name])
+    assert (config.listen_port, config.outgoing_port) == (port, port)
+    assert config.outgoing_server == [("mail.example.net", port)]
+    assert config.bind_address == [("127.0.0.1", port)]
+
+
+@pytest.mark.parametrize("protocol, port", [("POP3", 110), ("POP3S", 995),
+                                            ("IMAP4", 143), ("IMAP4S", 993)])
+def test_default_listen_port(protocol, port):
+    config = perdition.Config(["perdition", "-f", "", "-P", protocol])
+    assert perdition.listen_addresses(config)[0][1] == port
+
+
+def test_several_bind_addresses(perdition_factory, dovecot):
+    """-b host[:port],...: each address listens, on its own port or on
+    --listen_port, and nothing else does."""
+    other = free_port()
+    addresses = ["127.0.0.1", "127.0.0.2:%d" % other]
+    if IPV6:
+        v6_port = free_port()
+        addresses.append("[::1]:%d" % v6_port)
+    proxy = perdition_factory(["-b", ",".join(addresses)], "IMAP4",
+                              dovecot.imap_port)
+    listening = [("127.0.0.1", proxy.port), ("127.0.0.2", other)]
+    if IPV6:
+        listening.append(("::1", v6_port))
+    for host, port in listening:
+        with RawClient(port, host) as client:
+            assert client.readline().startswith(b"* OK IMAP4 Ready ")
+            imap_session(client)
+    if IPV6:
+        proxy.wait_for_log("Connect: ::1\n")
+    assert not accepts("127.0.0.2", proxy.port)
+    assert not accepts("127.0.0.1", other)
+    log = proxy.log()
+    for host, port in listening:
+        assert "Listening on %s port %d" % (host, port) in log
+
+
+def test_empty_bind_address_listens_everywhere(perdition_factory, dovecot):
+    proxy = perdition_factory(["-b", ""], "IMAP4", dovecot.imap_port)
+    hosts = ["127.0.0.1", "127.0.0.2"] + ["::1"] * IPV6
+    for host in hosts:
+        with RawClient(proxy.port, host) as client:
+            assert client.readline().startswith(b"* OK IMAP4 Ready ")
+
+
+# ---------------------------------------------------------------------------
+# The connection limit
+# ---------------------------------------------------------------------------
+
+def admitted(port, greeting):
+    """A RawClient that got *greeting*: a slot may take a moment to come
+    free after the session that held it ends."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        client = RawClient(port)
+        line = client.readline()
+        if line.startswith(greeting):
+            return client
+        client.close()
+        assert time.monotonic() < deadline, "never admitted: %r" % line
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("protocol", ["IMAP4", "POP3"])
+def test_connection_limit(perdition_factory, dovecot, protocol):
+    imap = protocol == "IMAP4"
+    proxy = perdition_factory(["-L", "2"], protocol, dovecot.imap_port
+                              if imap else dovecot.pop3_port)
+    session = imap_session if imap else pop3_session
+    greeting = b"* OK " if imap else b"+OK "
+    first = admitted(proxy.port, greeting)
+    second = admitted(proxy.port, greeting)
+    with RawClient(proxy.port) as third:
+        refusal = third.readline()
+        assert refusal.startswith(b"* BYE " if imap else b"-ERR ")
+        assert refusal.endswith(b"\r\n") and len(refusal) > 8
+        assert third.readline() == b""
+    session(second)          # the others keep working
+    second.close()
+    with first:
+        with admitted(proxy.port, greeting) as fourth:   # a slot came free
+            session(fourth)
+        session(first)
+
+
+# ---------------------------------------------------------------------------
+# Daemon and pid file
+# ---------------------------------------------------------------------------
+
+def read_file(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def traversable(path):
+    """Let others pass through *path* and its ancestors, as they can
+    through /var/run: perdition removes its pid file as nobody."""
+    path = os.path.abspath(path)
+    while path != "/":
+        os.chmod(path, os.stat(path).st_mode | 0o011)
+        path = os.path.dirname(path)
+
+
+@as_root
+def test_daemon_with_pid_file(tmp_path, dovecot):
+    traversable(tmp_path)
+    env = perdition_env(str(tmp_path))
+    port = free_port()
+    log = tmp_path / "perdition.log"
+    pid_file = os.path.join(env["PERDITION_VAR_STATE_DIR"], "perdition",
+                            "perdition.pid")
+    with open(tmp_path / "out", "wb") as out:
+        started = subprocess.run(
+            [sys.executable, PERDITION, "-P", "IMAP4", "-F", str(log),
+             "-b", "127.0.0.1", "-l", str(port),
+             "-s", "127.0.0.1:%d" % dovecot.imap_port, "-M", ""],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+            timeout=TIMEOUT)
+    assert started.returncode == 0      # the parent returns at once
+    wait_until(lambda: read_file(pid_file).endswith("\n"), what="pid file")
+    pid = int(read_file(pid_file))
+    try:
+        assert alive(pid)
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            assert PERDITION.encode() in f.read().split(b"\0")
+        assert os.getsid(pid) != os.getsid(0)      # off our terminal
+        assert int(proc_status(pid)["PPid"][0]) != os.getpid()
+        wait_until(lambda: accepts("127.0.0.1", port), what="listening")
+        with RawClient(port) as client:
+            assert client.readline().startswith(b"* OK IMAP4 Ready ")
+            imap_session(client)
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not alive(pid), what="exit on SIGTERM")
+        assert not os.path.exists(pid_file)
+        assert "Exiting on signal" in log.read_text()
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("facility", ["--no_daemon", "-", "+"])
+def test_no_daemon_and_no_pid_file(tmp_path, dovecot, facility):
+    """--no_daemon, or logging to stdout or stderr: perdition stays in the
+    foreground and writes no pid file."""
+    proxy = Perdition([] if facility == "--no_daemon" else ["-F", facility],
+                      "IMAP4", tmp_path, dovecot.imap_port)
+    if facility != "--no_daemon":
+        proxy.args.remove("--no_daemon")
+    with proxy:
+        assert proxy.proc.poll() is None
+        assert os.getsid(proxy.pid) == os.getsid(0)
+        output = {"--no_daemon": proxy.log, "-": proxy.stdout,
+                  "+": proxy.stderr}[facility]
+        wait_until(lambda: "Listening on 127.0.0.1" in output(),
+                   what="log in %s" % facility)
+        assert os.listdir(proxy.env["PERDITION_VAR_STATE_DIR"]) == []
+
+
+# ---------------------------------------------------------------------------
+# Privileges
+# ---------------------------------------------------------------------------
+
+def nobody_ids():
+    user = pwd.getpwnam("nobody")
+    try:
+        return user.pw_uid, grp.getgrnam("nobody").gr_gid
+    except KeyError:        # Debian: no group nobody, the user's own group
+        return user.pw_uid, user.pw_gid
+
+
+def assert_runs_as(pid, uid, gid):
+    status = proc_status(pid)
+    assert status["Uid"] == [str(uid)] * 4
+    assert status["Gid"] == [str(gid)] * 4
+    assert status["Groups"] == [str(gid)]
+
+
+@as_root
+def test_drops_to_nobody_by_default(proxy):
+    # The port accepts from the bind on; privileges go just before this.
+    proxy.wait_for_log("Starting: ")
+    assert_runs_as(proxy.pid, *nobody_ids())
+    with RawClient(proxy.port) as client:
+        client.readline()
+        imap_session(client)
+
+
+def free_privileged_port():
+    for port in range(700, 1024):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    pytest.fail("no free port below 1024")
+
+
+@as_root
+def test_drops_to_user_and_group_after_binding_a_low_port(tmp_path,
+                                                          dovecot):
+    proxy = Perdition(["-u", "daemon", "-g", "mail"], "IMAP4", tmp_path,
+                      dovecot.imap_port)
+    proxy.port = free_privileged_port()
+    proxy.args[proxy.args.index("-l") + 1] = str(proxy.port)
+    with proxy:
+        proxy.wait_for_log("Starting: ")
+        assert_runs_as(proxy.pid, pwd.getpwnam("daemon").pw_uid,
+                       grp.getgrnam("mail").gr_gid)
+        with RawClient(proxy.port) as client:
+            client.readline()
+            imap_session(client)
+
+
+# ---------------------------------------------------------------------------
+# inetd mode
+# ---------------------------------------------------------------------------
+
+def test_inetd_mode(tmp_path, dovecot):
+    """As inetd runs it: one accepted TCP connection as stdin and stdout,
+    one session, then exit."""
+    log = tmp_path / "inetd.log"
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = RawClient(listener.getsockname()[1])
+        connection, _ = listener.accept()
+    with connection, open(tmp_path / "err", "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, PERDITION, "-P", "IMAP4", "-i", "-F", str(log),
+             "-s", "127.0.0.1:%d" % dovecot.imap_port, "-M", ""],
+            stdin=connection, stdout=connection, stderr=err,
+            env=perdition_env(str(tmp_path)))
+    try:
+        with client:
+            assert client.readline().startswith(b"* OK IMAP4 Ready ")
+            if os.geteuid() == 0:
+                assert_runs_as(proc.pid, *nobody_ids())
+            imap_session(client)
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "Connect: 127.0.0.1[inetd_pid=%d]\n" % proc.pid in text
+    assert 'Auth: 127.0.0.1 user="alice" passwd="XXXXXX" server="127.0.0.1"' \
+        ' port="%d" status=ok\n' % dovecot.imap_port in text
+    assert 'Close: 127.0.0.1 user="alice" received=' in text
+    assert (tmp_path / "err").read_bytes() == b""
+
+
+def test_inetd_mode_needs_a_tcp_socket(tmp_path):
+    """A UNIX-domain socket has no client address to log or look up: a
+    clean start-up error, not a traceback."""
+    here, there = socket.socketpair()
+    with here, there:
+        result = subprocess.run(
+            [sys.executable, PERDITION, "-P", "IMAP4", "-i", "-F", "+",
+             "-s", "127.0.0.1:143", "-M", ""],
+            stdin=there, stdout=there, stderr=subprocess.PIPE, text=True,
+            env=perdition_env(str(tmp_path)), timeout=TIMEOUT)
+    assert result.returncode != 0
+    assert result.stderr == "perdition: option -i, --inetd_mode: standard " \
+        "input is not a connected TCP socket\n"
+
+
+# ---------------------------------------------------------------------------
+# Many sessions
+# ---------------------------------------------------------------------------
+
+def test_hundred_sessions_at_once(proxy):
+    """100 clients logged in through perdition at the same moment, each
+    then selecting its INBOX."""
+    together = threading.Barrier(100, timeout=30)
+
+    def session(n):
+        imap = imap_connect(proxy.port)
+        try:
+            try:
+                assert imap.login("user%d" % n, "pw%d" % n) == \
+                    ("OK", [b"You are so in"])
+            except BaseException:
+                together.abort()
+                raise
+            together.wait()
+            assert imap.select("INBOX")[0] == "OK"
+        finally:
+            imap.logout()
+        return n
+
+    with ThreadPoolExecutor(100) as pool:
+        assert list(pool.map(session, range(1, 101))) == \
+            list(range(1, 101))
+
+
+def test_no_thread_or_descriptor_left_behind(proxy):
+    """300 sessions -- logins, failed logins, clients that vanish -- and
+    perdition is back to the threads and descriptors it had before."""
+    before = settled_usage(proxy)
+
+    def session(n):
+        client = RawClient(proxy.port)
+        with client:
+            assert client.readline().startswith(b"* OK")
+            kind = n % 10
+            number = n % 200 + 1
+            user, password = "user%d" % number, "pw%d" % number
+            if kind == 0:                   # gone after the greeting
+                return
+            if kind == 1:                   # gone in the middle
+                client.send(b"a LOGIN %s %s\r\nb SELECT INBOX\r\n"
+                            % (user.encode(), password.encode()))
+                assert client.readline() == b"a OK You are so in\r\n"
+                return
+            if kind == 2:                   # a wrong password first
+                client.send(b"a LOGIN %s wrong\r\n" % user.encode())
+                assert client.readline().startswith(b"a NO ")
+            imap_session(client, user, password)
+
+    with ThreadPoolExecutor(30) as pool:
+        list(pool.map(session, range(300)))
+    assert wait_for_usage(proxy, before) == before
+
+
+# ---------------------------------------------------------------------------
+# The authentication timeout
+# ---------------------------------------------------------------------------
+
+def test_authentication_timeout(perdition_factory, dovecot):
+    """An unauthenticated client idle for --authentication_timeout seconds
+    is told BYE and closed; activity restarts the clock; a logged-in
+    session is under -t instead."""
+    proxy = perdition_factory(["--authentication_timeout", "1"], "IMAP4",
+                              dovecot.imap_port)
+    with RawClient(proxy.port) as idle, RawClient(proxy.port) as active:
+        assert idle.readline().startswith(b"* OK")
+        assert active.readline().startswith(b"* OK")
+        active.send(b"a LOGIN alice alicepw\r\n")
+        assert active.readline() == b"a OK You are so in\r\n"
+        time.sleep(0.6)
+        idle.send(b"n NOOP\r\n")
+        assert idle.readline() == b"n OK NOOP completed\r\n"
+        noop = time.monotonic()
+        assert idle.readline(timeout=5).startswith(b"* BYE ")
+        assert time.monotonic() - noop > 0.9
+        assert idle.readline() == b""
+        # By now the logged-in session has been idle for over 1.5 s.
+        active.send(b"b NOOP\r\n")
+        assert active.readline().startswith(b"b OK")
