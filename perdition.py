@@ -124,19 +124,18 @@ def parse_flag(value):
     raise OptionError("takes no value (or yes/no), not %r" % value)
 
 
+def parse_count(value):
+    if not (value.isascii() and value.isdigit()):
+        raise OptionError("needs a whole number >= 0, not %r" % value)
+    return int(value)
+
+
 def parse_seconds(value):
     try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if number < 0:
+        return parse_count(value)
+    except OptionError:
         raise OptionError("needs a whole number of seconds >= 0, not %r"
-                          % value)
-    return number
-
-
-def parse_count(value):
-    return parse_seconds(value)
+                          % value) from None
 
 
 def parse_port(value):
@@ -1387,8 +1386,8 @@ class POP3:
             line = session.read_client_line()
             command, _, argument = line.partition(" ")
             command = command.upper()
-            session.log_dialogue("client", "PASS XXXXXX"
-                                 if command == "PASS" else line)
+            session.log_dialogue("client", line, "PASS XXXXXX"
+                                 if command == "PASS" else None)
             try:
                 if "\0" in line:
                     raise BadCommand("Invalid character in command")
@@ -1413,7 +1412,7 @@ class POP3:
                         raise BadCommand("%s needs an argument" % command)
                     if command == "USER":
                         user = argument
-                        session.reply("+OK USER %s set" % user)
+                        session.reply("+OK USER %s set" % log_text(user))
                     elif user is None:
                         raise BadCommand("USER must come before PASS")
                     else:
@@ -1446,8 +1445,8 @@ class POP3:
             raise LoginFailure("%s: %s" % (what, line))
         return line
 
-    def command(self, server, text, logged=None):
-        self.session.send_server(server, text, logged)
+    def command(self, server, text, masked=None):
+        self.session.send_server(server, text, masked)
         return self.expect_ok(server, text.split(" ")[0])
 
     def login(self, server, user, password):
@@ -1521,8 +1520,8 @@ class IMAP4:
             tag, _, rest = line.partition(b" ")
             command, _, _ = rest.partition(b" ")
             command = command.upper()
-            session.log_dialogue("client", tag + b" " + command +
-                                 b" XXXXXX" if command == b"LOGIN" else line)
+            session.log_dialogue("client", line, tag + b" LOGIN XXXXXX"
+                                 if command == b"LOGIN" else None)
             try:
                 if not IMAP_TAG_RE.match(tag):
                     raise BadCommand("Invalid tag" if tag else "Null command")
@@ -1638,7 +1637,7 @@ class IMAP4:
 
     # -- towards the real server -------------------------------------------
 
-    def server_command(self, server, words, logged=None):
+    def server_command(self, server, words, masked=None):
         """Send a command, quoting each argument or sending it as a literal
         (so a CR or LF inside can never end the command), and return the
         tagged response line."""
@@ -1654,14 +1653,14 @@ class IMAP4:
                         b'"', b'\\"') + b'"'
                 else:
                     session.send_server(server, line + b" {%d}" % len(word),
-                                        logged)
+                                        masked)
                     answer = session.read_server_line(server)
                     if not answer.startswith("+"):
                         raise LoginFailure(answer)
                     line = word
             else:
                 line += b" " + word
-        session.send_server(server, line, logged)
+        session.send_server(server, line, masked)
         while True:
             answer = session.read_server_line(server)
             if answer.startswith(tag + " "):
@@ -1699,7 +1698,7 @@ class IMAP4:
                 raise LoginFailure("Server has LOGINDISABLED")
         answer = self.server_command(
             server, [b"LOGIN", user, password],
-            logged=b"P%d LOGIN XXXXXX" % (self.server_tag + 1))
+            masked=b"P%d LOGIN XXXXXX" % (self.server_tag + 1))
         if not answer.startswith("OK"):
             raise LoginFailure("LOGIN: %s" % answer)
         return answer
@@ -1861,8 +1860,12 @@ class Session:
         self.client.sendall(text.encode("utf-8", "surrogateescape")
                             + b"\r\n")
 
-    def log_dialogue(self, who, text):
+    def log_dialogue(self, who, text, masked=None):
+        """-C with -d: log a line of the login dialogue; `masked` is the
+        line without its password, logged unless --log_passwd always."""
         if self.config.connection_logging and log.debug_enabled:
+            if masked is not None and self.config.log_passwd != "always":
+                text = masked
             log.debug("%s %s: %s" % (self.client_ip, who, log_text(text)))
 
     def tls_offered(self):
@@ -1967,10 +1970,10 @@ class Session:
             lines.append(line[1:] if line.startswith(".") else line)
         raise ProtocolError("Server sent too many lines")
 
-    def send_server(self, server, text, logged=None):
+    def send_server(self, server, text, masked=None):
         if isinstance(text, str):
             text = text.encode("utf-8", "surrogateescape")
-        self.log_dialogue("to server", logged or text)
+        self.log_dialogue("to server", text, masked)
         server.sendall(text + b"\r\n")
 
     def check_greeting(self, greeting):

@@ -18,7 +18,8 @@ import time
 
 from dovecot import free_port
 
-__all__ = ["PERDITION", "Perdition", "run_perdition", "perdition_env", "imap_connect",
+__all__ = ["PERDITION", "Perdition", "run_perdition", "perdition_env",
+           "wait_until", "imap_connect",
            "pop3_connect", "RawClient", "TIMEOUT"]
 
 PERDITION = os.path.join(os.path.dirname(os.path.dirname(
@@ -157,6 +158,15 @@ class Perdition:
 
     def __exit__(self, *exc_info):
         self.stop()
+
+
+def wait_until(predicate, timeout=TIMEOUT, what="condition"):
+    """Poll *predicate* until it is true; fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("%s not met within %s s" % (what, timeout))
+        time.sleep(0.02)
 
 
 def run_perdition(args, timeout=10, tmpdir=None):

@@ -17,9 +17,8 @@ import pytest
 
 from dovecot import free_port
 from helpers import (PERDITION, Perdition, RawClient, TIMEOUT, imap_connect,
-                     pop3_connect, run_perdition)
+                     pop3_connect, run_perdition, wait_until)
 from support import wait_for_eof
-from test_server import wait_until
 
 sys.path.insert(0, os.path.dirname(PERDITION))
 import perdition  # noqa: E402
@@ -270,6 +269,25 @@ def test_debug_connection_logging_masks_the_password(tmp_path, dovecot,
     secret = "LOGIN XXXXXX" if protocol == "IMAP4" else "PASS XXXXXX"
     assert sum(secret in line for line in dialogue) >= 2    # both sides
     assert "alicepw" not in text
+
+
+@pytest.mark.parametrize("protocol", ["IMAP4", "POP3"])
+def test_connection_logging_shows_the_password_with_log_passwd_always(
+        tmp_path, dovecot, protocol):
+    proxy = start(Perdition(["-d", "-C", "--log_passwd", "always"], protocol,
+                            tmp_path, backend_port(dovecot, protocol)))
+    try:
+        with RawClient(proxy.port) as client:
+            client.readline()
+            assert log_in_raw(client, protocol, b"alice", b"alicepw") \
+                .endswith(b"OK You are so in\r\n")
+        text = proxy.wait_for_log(' Close: 127.0.0.1 user="alice"')
+    finally:
+        proxy.stop()
+    dialogue = [line for line in messages(text, proxy.pid)
+                if "alicepw" in line and not line.startswith(SESSION_LINES)]
+    assert len(dialogue) >= 2       # the client's words and the server's
+    assert "XXXXXX" not in text
 
 
 @pytest.mark.parametrize("args", [["-C"], ["-d"]])

@@ -21,7 +21,7 @@ import pytest
 
 from dovecot import free_port
 from helpers import (PERDITION, Perdition, RawClient, TIMEOUT, imap_connect,
-                     perdition_env)
+                     perdition_env, wait_until)
 from support import settled_usage, wait_for_usage
 
 sys.path.insert(0, os.path.dirname(PERDITION))
@@ -41,15 +41,6 @@ def has_ipv6_loopback():
 
 
 IPV6 = has_ipv6_loopback()
-
-
-def wait_until(predicate, timeout=TIMEOUT, what="condition"):
-    """Poll *predicate* until it is true; fail after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("%s not met within %s s" % (what, timeout))
-        time.sleep(0.02)
 
 
 def accepts(host, port):
