@@ -465,3 +465,52 @@ def test_authentication_timeout(perdition_factory, dovecot):
         # By now the logged-in session has been idle for over 1.5 s.
         active.send(b"b NOOP\r\n")
         assert active.readline().startswith(b"b OK")
+
+
+# ---------------------------------------------------------------------------
+# File descriptors: the limit is raised, and a too low one is logged
+# ---------------------------------------------------------------------------
+
+def open_files_limit(pid):
+    with open("/proc/%d/limits" % pid) as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return [int(n) for n in line.split()[3:5]]
+    raise AssertionError("no open files limit for %d" % pid)
+
+
+def test_file_descriptor_limit_raised_and_checked(tmp_path, dovecot,
+                                                  monkeypatch):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 256:
+        pytest.fail("the hard file-descriptor limit is too low to test")
+    monkeypatch.setattr(subprocess, "Popen", _popen_with_soft_limit(256))
+    too_many = hard // 2 + 1        # two descriptors a session
+    proxy = Perdition(["-L", str(too_many)], "IMAP4", tmp_path,
+                      dovecot.imap_port).start()
+    try:
+        assert open_files_limit(proxy.pid) == [hard, hard]
+        proxy.wait_for_log("File descriptor limit %d is too low for "
+                           "connection_limit %d" % (hard, too_many))
+    finally:
+        proxy.stop()
+    proxy = Perdition(["-L", "10"], "IMAP4", tmp_path,
+                      dovecot.imap_port).start()
+    try:
+        proxy.wait_for_log("Starting: ")
+        assert "too low" not in proxy.log()
+    finally:
+        proxy.stop()
+
+
+def _popen_with_soft_limit(soft):
+    import resource
+    popen = subprocess.Popen
+
+    def start(*args, **kwargs):
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        kwargs["preexec_fn"] = lambda: resource.setrlimit(
+            resource.RLIMIT_NOFILE, (soft, hard))
+        return popen(*args, **kwargs)
+    return start
