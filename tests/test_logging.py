@@ -246,10 +246,10 @@ def test_pop3_user_with_carriage_return(proxies):
 # Levels: -d, -C, -q, start-up parameters
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("protocol", ["IMAP4", "POP3"])
-def test_debug_connection_logging_masks_the_password(tmp_path, dovecot,
-                                                     protocol):
-    proxy = start(Perdition(["-d", "-C"], protocol, tmp_path,
+def logged_dialogue(tmp_path, dovecot, protocol, args):
+    """Log in as alice through a perdition run with `args`: (log text,
+    the messages of the log)."""
+    proxy = start(Perdition(args, protocol, tmp_path,
                             backend_port(dovecot, protocol)))
     try:
         with RawClient(proxy.port) as client:
@@ -259,7 +259,13 @@ def test_debug_connection_logging_masks_the_password(tmp_path, dovecot,
         text = proxy.wait_for_log(' Close: 127.0.0.1 user="alice"')
     finally:
         proxy.stop()
-    lines = messages(text, proxy.pid)
+    return text, messages(text, proxy.pid)
+
+
+@pytest.mark.parametrize("protocol", ["IMAP4", "POP3"])
+def test_debug_connection_logging_masks_the_password(tmp_path, dovecot,
+                                                     protocol):
+    text, lines = logged_dialogue(tmp_path, dovecot, protocol, ["-d", "-C"])
     dialogue = [line for line in lines if not line.startswith(
         SESSION_LINES + ("Starting: ", "Listening on "))]
     # perdition's greeting and answer, the client's and the server's words
@@ -274,17 +280,9 @@ def test_debug_connection_logging_masks_the_password(tmp_path, dovecot,
 @pytest.mark.parametrize("protocol", ["IMAP4", "POP3"])
 def test_connection_logging_shows_the_password_with_log_passwd_always(
         tmp_path, dovecot, protocol):
-    proxy = start(Perdition(["-d", "-C", "--log_passwd", "always"], protocol,
-                            tmp_path, backend_port(dovecot, protocol)))
-    try:
-        with RawClient(proxy.port) as client:
-            client.readline()
-            assert log_in_raw(client, protocol, b"alice", b"alicepw") \
-                .endswith(b"OK You are so in\r\n")
-        text = proxy.wait_for_log(' Close: 127.0.0.1 user="alice"')
-    finally:
-        proxy.stop()
-    dialogue = [line for line in messages(text, proxy.pid)
+    text, lines = logged_dialogue(tmp_path, dovecot, protocol,
+                                  ["-d", "-C", "--log_passwd", "always"])
+    dialogue = [line for line in lines
                 if "alicepw" in line and not line.startswith(SESSION_LINES)]
     assert len(dialogue) >= 2       # the client's words and the server's
     assert "XXXXXX" not in text
