@@ -465,3 +465,21 @@ def test_unknown_syslog_facility_is_a_start_up_error(tmp_path):
     assert result.returncode != 0
     assert "option -F, --log_facility: unknown syslog facility 'mial'" \
         in result.stderr
+
+
+def test_connect_relog(tmp_path, dovecot):
+    """--connect_relog logs the Auth line of a proxied session again, for
+    POP and IMAP before SMTP, and stops when the session ends."""
+    proxy = start(Perdition(["--connect_relog", "1"], "IMAP4", tmp_path,
+                            dovecot.imap_port))
+    try:
+        imap = imap_connect(proxy.port)
+        imap.login("alice", "alicepw")
+        auth = 'Auth: 127.0.0.1 user="alice" passwd="XXXXXX"'
+        wait_until(lambda: proxy.log().count(auth) >= 3, what="relogs")
+        imap.logout()
+        text = proxy.wait_for_log(' Close: 127.0.0.1 user="alice"')
+        time.sleep(1.5)
+        assert proxy.log().count(auth) == text.count(auth)
+    finally:
+        proxy.stop()
