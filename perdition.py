@@ -412,9 +412,11 @@ OPTIONS = [
            SYSCONFDIR + "/perdition.key.pem",
            "Private key (PEM) for listening for SSL or TLS."),
     Option(None, "ssl_listen_ciphers", "STRING", "",
-           "Cipher list for the listening side; empty: OpenSSL's default."),
+           "Cipher list for the listening side; empty: OpenSSL's default.  "
+           "TLS 1.2 is the minimum unless the list has @SECLEVEL=0."),
     Option(None, "ssl_outgoing_ciphers", "STRING", "",
-           "Cipher list for the outgoing side; empty: OpenSSL's default."),
+           "Cipher list for the outgoing side; empty: OpenSSL's default.  "
+           "TLS 1.2 is the minimum unless the list has @SECLEVEL=0."),
     Option(None, "ssl_no_cert_verify", None, "",
            "Do not verify the real server's certificate.", FLAG),
     Option(None, "ssl_no_cn_verify", None, "",
@@ -991,16 +993,26 @@ def _load(what, action, *args):
                                             if isinstance(a, str)), reason))
 
 
+def new_context(protocol, option, ciphers):
+    """A context with modern defaults: TLS 1.2 at least, unless the cipher
+    list lowers OpenSSL's security level to 0, the one level at which
+    TLS 1.0 and 1.1 still work: then whatever OpenSSL supports."""
+    context = ssl.SSLContext(protocol)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ciphers:
+        _load(option, context.set_ciphers, ciphers)
+        if "@SECLEVEL=0" in ciphers.upper():
+            context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+    return context
+
+
 def make_listen_context(config):
     """The server-side context, made once at start-up (before privileges
     are dropped, so the key may be readable by root only)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-                        | ssl.OP_NO_RENEGOTIATION)
-    if config.ssl_listen_ciphers:
-        _load("ssl_listen_ciphers", context.set_ciphers,
-              config.ssl_listen_ciphers)
+    context = new_context(ssl.PROTOCOL_TLS_SERVER, "ssl_listen_ciphers",
+                          config.ssl_listen_ciphers)
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     for name in ("ssl_cert_file", "ssl_key_file", "ssl_ca_chain_file"):
         path = getattr(config, name)
         if path and not os.access(path, os.R_OK):
@@ -1029,12 +1041,8 @@ def make_outgoing_context(config, trust=None):
     a real server whose self-signed certificate --ssl_*_accept_self_signed
     allows.
     """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    if config.ssl_outgoing_ciphers:
-        _load("ssl_outgoing_ciphers", context.set_ciphers,
-              config.ssl_outgoing_ciphers)
+    context = new_context(ssl.PROTOCOL_TLS_CLIENT, "ssl_outgoing_ciphers",
+                          config.ssl_outgoing_ciphers)
     if config.ssl_no_cert_verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -1340,7 +1348,12 @@ class Connection:
 # ---------------------------------------------------------------------------
 
 class BadCommand(Exception):
-    """A command the client may correct: answered with -ERR or BAD."""
+    """A command the client may correct: answered with -ERR or BAD.
+
+    `unread` is the IMAP line read last, when the command was refused after
+    its first line: a literal it announces is still to be skipped."""
+
+    unread = None
 
 
 def has_controls(text):
@@ -1548,18 +1561,19 @@ class IMAP4:
                     session.reply(self.tagged("NO AUTHENTICATE mechanism "
                                               "not supported, use LOGIN"))
                 elif command == b"LOGIN":
-                    user, password = self.parse_arguments(rest[5:], 2)
+                    # Refused before a '+' asks for a password literal.
                     session.check_login_allowed()
+                    user, password = self.parse_arguments(rest[5:], 2)
                     return user, password
                 elif not command:
                     raise BadCommand("Missing command")
                 else:
-                    self.skip_literal(rest)
                     raise BadCommand("Unknown command, expected CAPABILITY, "
                                      "NOOP, LOGIN%s or LOGOUT" % (
                                          ", STARTTLS" if session.tls_offered()
                                          else ""))
             except BadCommand as e:
+                self.skip_literal(line if e.unread is None else e.unread)
                 session.reply(self.tagged("BAD %s" % e))
 
     def skip_literal(self, line):
@@ -1576,22 +1590,26 @@ class IMAP4:
     def parse_arguments(self, rest, count):
         """`count` astrings (atoms, quoted strings or literals) -> [str]."""
         values = []
-        while len(values) < count:
-            if not rest.startswith(b" "):
-                raise BadCommand("Missing argument")
-            rest = rest[1:]
-            if rest.startswith(b'"'):
-                value, rest = self.parse_quoted(rest)
-            elif IMAP_LITERAL_RE.match(rest):
-                value, rest = self.read_literal(rest)
-            else:
-                match = IMAP_ATOM_RE.match(rest)
-                if not match:
-                    raise BadCommand("Invalid argument")
-                value, rest = match.group(), rest[match.end():]
-            values.append(value.decode("utf-8", "surrogateescape"))
-        if rest:
-            raise BadCommand("Too many arguments")
+        try:
+            while len(values) < count:
+                if not rest.startswith(b" "):
+                    raise BadCommand("Missing argument")
+                rest = rest[1:]
+                if rest.startswith(b'"'):
+                    value, rest = self.parse_quoted(rest)
+                elif IMAP_LITERAL_RE.match(rest):
+                    value, rest = self.read_literal(rest)
+                else:
+                    match = IMAP_ATOM_RE.match(rest)
+                    if not match:
+                        raise BadCommand("Invalid argument")
+                    value, rest = match.group(), rest[match.end():]
+                values.append(value.decode("utf-8", "surrogateescape"))
+            if rest:
+                raise BadCommand("Too many arguments")
+        except BadCommand as e:
+            e.unread = rest
+            raise
         return values
 
     @staticmethod

@@ -1075,19 +1075,36 @@ def test_listen_ciphers(proxies, pki, dovecot):
             assert client.readline().startswith(b"* OK IMAP4 Ready")
 
 
-@pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
-def test_listen_refuses_tls_older_than_1_2(mode_proxies):
-    """A TLS 1.1 client is turned away: perdition logs why."""
-    proxy = mode_proxies["IMAP4", "ssl_listen"]
+def tls11_context():
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     context.minimum_version = ssl.TLSVersion.TLSv1
     context.maximum_version = ssl.TLSVersion.TLSv1_1
     context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return context
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
+def test_listen_refuses_tls_older_than_1_2(mode_proxies):
+    """A TLS 1.1 client is turned away: perdition logs why."""
+    proxy = mode_proxies["IMAP4", "ssl_listen"]
     with RawClient(proxy.port) as client, pytest.raises(ssl.SSLError):
-        client.starttls(context)
+        client.starttls(tls11_context())
     proxy.wait_for_log("UNSUPPORTED_PROTOCOL")
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
+def test_listen_ciphers_at_security_level_0_admit_old_tls(proxies, pki,
+                                                          dovecot):
+    """A cipher list that says @SECLEVEL=0 lowers the TLS 1.2 minimum."""
+    proxy, = proxies.start(mode_spec(
+        pki, dovecot, "IMAP4", "ssl_listen", "--ssl_listen_ciphers",
+        "DEFAULT:@SECLEVEL=0"))
+    with RawClient(proxy.port) as client:
+        client.starttls(tls11_context())
+        assert client.sock.version() == "TLSv1.1"
+        assert client.readline().startswith(b"* OK IMAP4 Ready")
 
 
 # ---------------------------------------------------------------------------
