@@ -36,11 +36,21 @@ def dovecot_binary():
     return shutil.which("dovecot", path=path)
 
 
+_handed_out = set()
+
+
 def free_port():
-    """Return a loopback TCP port that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Return a loopback TCP port that nothing listens on right now and
+    that this process has not handed out before (the kernel may offer the
+    same free port twice in a row)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no fresh free port in 100 tries")
 
 
 def default_users():

@@ -9,6 +9,7 @@ reach the real server.  Every wait here is bounded in time.
 
 import os
 import random
+import re
 import socket
 import subprocess
 import threading
@@ -17,9 +18,13 @@ import time
 from dovecot import Dovecot, default_users
 from helpers import TIMEOUT
 
-__all__ = ["SPECIAL_USERS", "special_dovecot", "ScriptedBackend", "Peer",
-           "big_message", "usage", "settled_usage", "wait_for_usage",
-           "wait_for_eof", "curl"]
+__all__ = ["SPECIAL_USERS", "special_dovecot", "big_message", "wait_for_eof",
+           "receive_at_least", "curl", "closes", "wait_for_closes", "usage",
+           "settled_usage", "wait_for_usage", "Peer", "ScriptedBackend"]
+
+# ---------------------------------------------------------------------------
+# The real server and its mail
+# ---------------------------------------------------------------------------
 
 # Users whose names or passwords need quoting or a literal on the way to
 # the real server.
@@ -39,7 +44,7 @@ def special_dovecot(tmpdir):
 def big_message(size, seed):
     """An RFC 5322 message of about *size* bytes with CRLF line endings.
 
-    The body is random base64 text, with lines that a POP3 server must
+    The body is random hexadecimal text, with lines that a POP3 server must
     dot-stuff (a lone '.', '..', '.x') scattered in it, so that a byte
     lost, added or reordered anywhere shows.
     """
@@ -58,8 +63,69 @@ def big_message(size, seed):
 
 
 # ---------------------------------------------------------------------------
-# The perdition process's threads and file descriptors
+# Clients
 # ---------------------------------------------------------------------------
+
+def wait_for_eof(client, timeout=TIMEOUT):
+    """Return what *client* (a RawClient) receives until the other side
+    closes; fail if it is still open after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    data, client.buffer = bytearray(client.buffer), b""
+    while True:
+        client.sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            chunk = client.sock.recv(65536)
+        except socket.timeout:
+            raise AssertionError(f"still open after {timeout} s; received "
+                                 f"{bytes(data[-200:])!r}") from None
+        if not chunk:
+            return bytes(data)
+        data += chunk
+
+
+def receive_at_least(client, size):
+    """Read *size* bytes or more of what *client* (a RawClient) is sent,
+    and leave the rest unread; fail if the other side closes first."""
+    got = len(client.buffer)
+    while got < size:
+        chunk = client.sock.recv(65536)
+        assert chunk, f"closed after {got} bytes"
+        got += len(chunk)
+
+
+def curl(*args):
+    """Run curl with *args*; return its standard output (bytes)."""
+    result = subprocess.run(["curl", "--silent", "--show-error",
+                             "--max-time", str(TIMEOUT), *map(str, args)],
+                            capture_output=True, timeout=TIMEOUT + 5)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    return result.stdout
+
+
+# ---------------------------------------------------------------------------
+# perdition's log, threads and file descriptors
+# ---------------------------------------------------------------------------
+
+def closes(proxy, user):
+    """(received, sent) of each of *user*'s Close lines in the log so far."""
+    found = re.findall(r'Close: 127\.0\.0\.1 user="%s" received=(\d+) '
+                       r'sent=(\d+)$' % re.escape(user), proxy.log(), re.M)
+    return [tuple(map(int, pair)) for pair in found]
+
+
+def wait_for_closes(proxy, user, count, timeout=5):
+    """closes() once there are *count* of them: perdition logs a Close
+    after the client has seen the end."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = closes(proxy, user)
+        if len(found) >= count:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(found)} Close lines of {user}, not "
+                                 f"{count}, after {timeout} s")
+        time.sleep(0.05)
+
 
 def usage(pid):
     """(threads, open file descriptors) of process *pid*."""
@@ -106,23 +172,6 @@ def wait_for_usage(perdition, baseline, timeout=5):
         time.sleep(0.05)
 
 
-def wait_for_eof(client, timeout=TIMEOUT):
-    """Return what *client* (a RawClient) receives until the other side
-    closes; fail if it is still open after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    data, client.buffer = bytearray(client.buffer), b""
-    while True:
-        client.sock.settimeout(max(deadline - time.monotonic(), 0.01))
-        try:
-            chunk = client.sock.recv(65536)
-        except socket.timeout:
-            raise AssertionError(f"still open after {timeout} s; received "
-                                 f"{bytes(data[-200:])!r}") from None
-        if not chunk:
-            return bytes(data)
-        data += chunk
-
-
 # ---------------------------------------------------------------------------
 # A scripted back-end
 # ---------------------------------------------------------------------------
@@ -135,6 +184,7 @@ class Peer:
         self.sock = sock
         self.buffer = b""
         self.received = bytearray()
+        self.thread = None
 
     def send(self, data):
         self.sock.sendall(data)
@@ -159,7 +209,7 @@ class Peer:
         data, self.buffer = self.buffer[:size], self.buffer[size:]
         return data
 
-    def wait_for_close(self):
+    def read_to_end(self):
         """Read (and keep) everything until the other side closes."""
         try:
             while True:
@@ -181,9 +231,8 @@ class ScriptedBackend:
         self.listener = socket.create_server(("127.0.0.1", port))
         self.listener.settimeout(0.1)
         self.port = self.listener.getsockname()[1]
-        self.peers = []
-        self.sockets = []
-        self.threads = []
+        self.peers = []         # since the last reset()
+        self.every_peer = []
         self.stopping = threading.Event()
         self.acceptor = threading.Thread(target=self._accept, daemon=True)
         self.acceptor.start()
@@ -196,12 +245,11 @@ class ScriptedBackend:
                 continue
             sock.settimeout(TIMEOUT)
             peer = Peer(sock)
+            peer.thread = threading.Thread(
+                target=self._serve, args=(self.script, peer), daemon=True)
+            peer.thread.start()
             self.peers.append(peer)
-            self.sockets.append(sock)
-            thread = threading.Thread(target=self._serve,
-                                      args=(self.script, peer), daemon=True)
-            thread.start()
-            self.threads.append(thread)
+            self.every_peer.append(peer)
 
     @staticmethod
     def _serve(script, peer):
@@ -216,6 +264,18 @@ class ScriptedBackend:
         self.script = script
         self.peers = []
 
+    def join(self, connections):
+        """Wait until *connections* connections since the last reset() have
+        come and gone, so that received() is all there will be."""
+        deadline = time.monotonic() + TIMEOUT
+        while len(self.peers) < connections:
+            assert time.monotonic() < deadline, \
+                f"{len(self.peers)} connections, not {connections}"
+            time.sleep(0.02)
+        for peer in self.peers:
+            peer.thread.join(TIMEOUT)
+            assert not peer.thread.is_alive(), "a connection is still open"
+
     def received(self):
         """Everything every connection since the last reset() received."""
         return b"".join(bytes(peer.received) for peer in self.peers)
@@ -224,25 +284,15 @@ class ScriptedBackend:
         self.stopping.set()
         self.acceptor.join(TIMEOUT)
         self.listener.close()
-        for sock in self.sockets:       # ends the scripts that still read
+        for peer in self.every_peer:    # ends the scripts that still read
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                peer.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        for thread in self.threads:
-            thread.join(TIMEOUT)
+            peer.thread.join(TIMEOUT)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc_info):
         self.close()
-
-
-def curl(*args):
-    """Run curl with *args*; return its standard output (bytes)."""
-    result = subprocess.run(["curl", "--silent", "--show-error",
-                             "--max-time", str(TIMEOUT), *map(str, args)],
-                            capture_output=True, timeout=TIMEOUT + 5)
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
-    return result.stdout
