@@ -1485,6 +1485,7 @@ class POP3:
 IMAP_TAG_RE = re.compile(rb'[\x21\x23\x24\x26\x27\x2c-\x5b\x5e-\x7a\x7c-\x7e]+\Z')
 IMAP_ATOM_RE = re.compile(rb'[^\x00-\x20(){%*"\\\x7f]+')
 IMAP_LITERAL_RE = re.compile(rb'\{(\d{1,10})(\+?)\}\Z')
+NO_ARGUMENTS = (b"CAPABILITY", b"NOOP", b"LOGOUT", b"STARTTLS")
 IMAP_QUOTABLE_RE = re.compile(rb'[\x20-\x7e]*\Z')
 
 
@@ -1531,7 +1532,7 @@ class IMAP4:
             line = session.read_client_bytes()
             self.tag = b"*"
             tag, _, rest = line.partition(b" ")
-            command, _, _ = rest.partition(b" ")
+            command, arguments, _ = rest.partition(b" ")
             command = command.upper()
             session.log_dialogue("client", line, tag + b" LOGIN XXXXXX"
                                  if command == b"LOGIN" else None)
@@ -1541,6 +1542,9 @@ class IMAP4:
                 self.tag = tag
                 if b"\0" in line:
                     raise BadCommand("Invalid character in command")
+                if arguments and command in NO_ARGUMENTS:
+                    raise BadCommand("%s takes no arguments"
+                                     % command.decode())
                 if command == b"CAPABILITY":
                     session.reply("* CAPABILITY " + " ".join(
                         self.capabilities()) + "\r\n" +
@@ -1558,6 +1562,7 @@ class IMAP4:
                                               "now"))
                     session.start_tls_listen()
                 elif command == b"AUTHENTICATE":
+                    self.skip_literal(line)
                     session.reply(self.tagged("NO AUTHENTICATE mechanism "
                                               "not supported, use LOGIN"))
                 elif command == b"LOGIN":

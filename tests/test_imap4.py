@@ -227,7 +227,8 @@ def test_unknown_commands_get_bad(imap, line):
 
 @pytest.mark.parametrize("start", [
     b"u1 XFOO", b"u1( LOGIN", b"u1 LOGIN bob bobpw", b"u1 NOOP\0",
-    b"u1 LOGIN {3+}\r\nbob bobpw", b'u1 LOGIN {3+}\r\nbob "bob\\pw"'])
+    b"u1 LOGIN {3+}\r\nbob bobpw", b'u1 LOGIN {3+}\r\nbob "bob\\pw"',
+    b"u1 NOOP", b"u1 CAPABILITY", b"u1 LOGOUT"])
 def test_a_refused_command_swallows_its_non_synchronising_literal(imap,
                                                                   start):
     """The literal is part of the refused command: its bytes must never
@@ -235,6 +236,14 @@ def test_a_refused_command_swallows_its_non_synchronising_literal(imap,
     with greeted(imap.port) as client:
         client.send(start + b" {10+}\r\nu2 LOGOUT\r\nu3 NOOP\r\n")
         assert re.match(rb"(u1|\*) BAD ", client.readline())
+        assert client.readline().startswith(b"u3 OK ")
+
+
+def test_authenticate_swallows_its_non_synchronising_literal(imap):
+    with greeted(imap.port) as client:
+        client.send(b"u1 AUTHENTICATE PLAIN {10+}\r\nu2 LOGOUT\r\n"
+                    b"u3 NOOP\r\n")
+        assert client.readline().startswith(b"u1 NO ")
         assert client.readline().startswith(b"u3 OK ")
 
 
@@ -360,6 +369,18 @@ def test_pipelined_commands_after_login_reach_the_server(imap):
         [[b"p2", b"OK"], [b"p3", b"OK"]]
     assert any(line.endswith(b" EXISTS") for line in lines)
     assert lines[-2].startswith(b"* BYE")
+
+
+def test_a_client_half_close_still_gets_the_last_reply(imap):
+    """A client that sends LOGOUT and shuts its sending side at once still
+    reads the server's answer: the end of its input reaches the server as
+    a half-close, not as the end of the session."""
+    with greeted(imap.port) as client:
+        assert login(client, tag=b"h1") == b"h1 OK You are so in\r\n"
+        client.send(b"h2 LOGOUT\r\n")
+        client.sock.shutdown(socket.SHUT_WR)
+        lines = wait_for_eof(client).splitlines()
+    assert lines[0].startswith(b"* BYE") and lines[-1].startswith(b"h2 OK")
 
 
 def test_ok_line(custom):
