@@ -37,6 +37,12 @@ def dovecot(tmp_path_factory):
         yield server
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A directory for the perdition processes one module shares."""
+    return tmp_path_factory.mktemp("perdition")
+
+
 @pytest.fixture
 def perdition_factory(tmp_path):
     """Start perdition processes: ``perdition_factory(args, protocol="IMAP4",

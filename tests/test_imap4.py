@@ -38,11 +38,6 @@ def dovecot(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("perdition")
-
-
-@pytest.fixture(scope="module")
 def imap(workdir, dovecot):
     """perdition with its defaults in front of Dovecot."""
     with Perdition([], "IMAP4", workdir, dovecot.imap_port) as proxy:

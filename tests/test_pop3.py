@@ -32,11 +32,6 @@ def dovecot(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("perdition")
-
-
-@pytest.fixture(scope="module")
 def pop3(workdir, dovecot):
     """perdition with its defaults in front of Dovecot."""
     with Perdition([], "POP3", workdir, dovecot.pop3_port) as proxy:
