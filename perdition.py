@@ -669,15 +669,15 @@ class Config:
 
 
 def format_value(value):
+    """An option's value as the start-up log shows it."""
     if isinstance(value, (set, frozenset)):
         return ",".join(sorted(value))
-    if isinstance(value, tuple):
+    if isinstance(value, tuple):            # add_domain: (states, depth)
         return "%s,%d" % (format_value(value[0]), value[1])
-    if isinstance(value, list):
-        return ",".join(host if port is None else "%s:%s" % (host, port)
-                        if isinstance(host, str) else str(host)
-                        for host, port in value) \
-            if value and isinstance(value[0], tuple) else ",".join(value)
+    if isinstance(value, list):             # servers, or query_key formats
+        return ",".join(item if isinstance(item, str) else
+                        item[0] if item[1] is None else "%s:%d" % item
+                        for item in value)
     return '"%s"' % value if isinstance(value, str) else str(value)
 
 
@@ -870,9 +870,6 @@ class Backend:
     def __init__(self, host, port, user, password):
         self.host, self.port = host, port
         self.user, self.password = user, password
-
-    def __repr__(self):
-        return "Backend(%r, %r, %r)" % (self.host, self.port, self.user)
 
 
 class ServerSelector:
