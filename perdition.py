@@ -29,7 +29,6 @@ import os
 import pwd
 import re
 import resource
-import select
 import signal
 import socket
 import socketserver
@@ -1479,7 +1478,9 @@ class POP3:
         return self.command(server, "PASS %s" % password, "PASS XXXXXX")
 
 
-IMAP_TAG_RE = re.compile(rb'[\x21\x23\x24\x26\x27\x2c-\x5b\x5e-\x7a\x7c-\x7e]+\Z')
+# RFC 3501 tag: ASTRING-CHAR but '+', i.e. no CTL, SP, ( ) { % * " \ ] +
+IMAP_TAG_RE = re.compile(
+    rb'[\x21\x23\x24\x26\x27\x2c-\x5b\x5e-\x7a\x7c-\x7e]+\Z')
 IMAP_ATOM_RE = re.compile(rb'[^\x00-\x20(){%*"\\\x7f]+')
 IMAP_LITERAL_RE = re.compile(rb'\{(\d{1,10})(\+?)\}\Z')
 NO_ARGUMENTS = (b"CAPABILITY", b"NOOP", b"LOGOUT", b"STARTTLS")
@@ -2054,9 +2055,9 @@ class Pump:
     Between two plaintext sockets the sockets block, with SO_RCVTIMEO and
     SO_SNDTIMEO as the idle clock's tick, so a small message costs a
     peek, one recv() and one send(); once a read fills the buffer, the
-    burst goes through a pipe with os.splice and never enters Python.  With TLS on
-    either side the bytes pass through Connection, which serialises the
-    calls on each SSL object.
+    burst goes through a pipe with os.splice and never enters Python.
+    With TLS on either side the bytes pass through Connection, which
+    serialises the calls on each SSL object.
     """
 
     __slots__ = ("session", "client", "server", "timeout", "last_activity",
