@@ -1,10 +1,11 @@
-"""What the POP3 and IMAP4 end-to-end tests share.
+"""What the POP3, IMAP4 and TLS end-to-end tests share.
 
 Dovecot is the back-end wherever it can show the behaviour; a scripted
 back-end plays the servers Dovecot cannot be made into -- one that hangs,
-drops the connection half-way, greets like perdition itself -- and keeps
-every byte perdition sends it, so a test can prove what did and did not
-reach the real server.  Every wait here is bounded in time.
+drops the connection half-way, greets like perdition itself, misbehaves
+around STARTTLS -- and keeps every byte perdition sends it, noting which
+arrived inside TLS, so a test can prove what did and did not reach the
+real server.  Every wait here is bounded in time.
 """
 
 import os
@@ -177,13 +178,24 @@ def wait_for_usage(perdition, baseline, timeout=5):
 # ---------------------------------------------------------------------------
 
 class Peer:
-    """The scripted server's end of one connection; everything received
-    is kept in `received`."""
+    """The scripted server's end of one connection.
+
+    Everything received is kept in `received`, and what of it arrived
+    inside TLS also in `secure`.  `cipher` is the TLS cipher once
+    start_tls() has made one, `error` the exception that ended the script,
+    if any (EOFError when the other side closed first), and `result` is
+    the script's to leave an outcome in for the test.
+    """
 
     def __init__(self, sock):
         self.sock = sock
+        self.tls = False
         self.buffer = b""
         self.received = bytearray()
+        self.secure = bytearray()
+        self.cipher = None
+        self.error = None
+        self.result = None
         self.thread = None
 
     def send(self, data):
@@ -194,6 +206,8 @@ class Peer:
         if not data:
             raise EOFError
         self.received += data
+        if self.tls:
+            self.secure += data
         self.buffer += data
 
     def readline(self):
@@ -216,6 +230,14 @@ class Peer:
                 self._fill()
         except EOFError:
             pass
+
+    def start_tls(self, context):
+        """Handshake as the server with the ssl.SSLContext *context*; what
+        came before it counts for nothing, as in any careful server."""
+        self.buffer = b""
+        self.sock = context.wrap_socket(self.sock, server_side=True)
+        self.tls = True
+        self.cipher = self.sock.cipher()[0]
 
 
 class ScriptedBackend:
@@ -255,8 +277,9 @@ class ScriptedBackend:
     def _serve(script, peer):
         try:
             script(peer)
-        except (OSError, EOFError):
-            pass
+        # ssl.SSLError is an OSError; ValueError: I/O on a closed socket
+        except (OSError, ValueError, EOFError) as e:
+            peer.error = e
         finally:
             peer.sock.close()
 

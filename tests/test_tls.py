@@ -30,7 +30,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,6 +38,7 @@ import pytest
 from dovecot import Dovecot, free_port
 from helpers import (PERDITION, Perdition, RawClient, TIMEOUT, imap_connect,
                      perdition_env, pop3_connect, run_perdition)
+from support import ScriptedBackend
 
 sys.path.insert(0, os.path.dirname(PERDITION))
 import perdition  # noqa: E402
@@ -537,103 +537,6 @@ def same(got, expected):
                          f"first difference at byte {at}")
 
 
-# ---------------------------------------------------------------------------
-# A scripted back-end
-# ---------------------------------------------------------------------------
-
-class Peer:
-    """The scripted server's end of one connection.  What it receives is
-    kept, as having arrived in plaintext or inside TLS."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.tls = False
-        self.buffer = b""
-        self.plain = bytearray()
-        self.secure = bytearray()
-        self.cipher = None
-        self.error = None
-        self.result = None
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def readline(self):
-        """One line with its ending; b'' at the end of input."""
-        while b"\n" not in self.buffer:
-            data = self.sock.recv(65536)
-            if not data:
-                return b""
-            (self.secure if self.tls else self.plain).extend(data)
-            self.buffer += data
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line + b"\n"
-
-    def start_tls(self, context):
-        """Handshake as the server; what came before it counts for
-        nothing, as in any careful server."""
-        self.buffer = b""
-        self.sock = context.wrap_socket(self.sock, server_side=True)
-        self.tls = True
-        self.cipher = self.sock.cipher()[0]
-
-
-class ScriptedBackend:
-    """An IMAP or POP3 server on a free loopback port: *script*, a
-    function of a Peer, plays each connection in a thread of its own."""
-
-    def __init__(self, script):
-        self.script = script
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.1)
-        self.port = self.listener.getsockname()[1]
-        self.peers = []
-        self.threads = []
-        self.stopping = threading.Event()
-        self.acceptor = threading.Thread(target=self._accept, daemon=True)
-        self.acceptor.start()
-
-    def _accept(self):
-        while not self.stopping.is_set():
-            try:
-                sock, _ = self.listener.accept()
-            except socket.timeout:
-                continue
-            sock.settimeout(TIMEOUT)
-            peer = Peer(sock)
-            self.peers.append(peer)
-            thread = threading.Thread(target=self._serve, args=(peer,),
-                                      daemon=True)
-            thread.start()
-            self.threads.append(thread)
-
-    def _serve(self, peer):
-        try:
-            self.script(peer)
-        except (OSError, ssl.SSLError, ValueError, EOFError) as e:
-            peer.error = e
-        finally:
-            peer.sock.close()
-
-    def received(self):
-        """Everything every connection received, plaintext or not."""
-        return b"".join(bytes(peer.plain + peer.secure)
-                        for peer in self.peers)
-
-    def close(self):
-        self.stopping.set()
-        self.acceptor.join(TIMEOUT)
-        self.listener.close()
-        for thread in self.threads:
-            thread.join(TIMEOUT)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-
 def server_context(pki, name="good", ciphers=None):
     """A scripted server's TLS: *name*'s certificate; with *ciphers*, TLS
     1.2 with only those."""
@@ -659,8 +562,6 @@ def imap_script(greeting=b"* OK scripted IMAP ready",
         peer.send(greeting + b"\r\n")
         while True:
             line = peer.readline()
-            if not line:
-                return
             tag, _, rest = line.rstrip(b"\r\n").partition(b" ")
             command = rest.partition(b" ")[0].upper()
             if command == b"CAPABILITY":
@@ -693,8 +594,6 @@ def pop3_script(greeting=b"+OK scripted POP3 ready", caps=(b"USER", b"STLS"),
         peer.send(greeting + b"\r\n")
         while True:
             line = peer.readline()
-            if not line:
-                return
             command = line.strip().partition(b" ")[0].upper()
             if command == b"CAPA":
                 peer.send(b"+OK Capability list follows\r\n" + b"".join(
@@ -1591,6 +1490,7 @@ def test_bulk_both_ways_at_once_through_ssl_all(proxies, pki):
         sessions = [pool.submit(bulk_session, proxy.port, context, seed,
                                 backend.port) for seed in (1, 2, 3, 4)]
         assert all(session.result(timeout=90) for session in sessions)
+        backend.join(4)
     assert [peer.result for peer in backend.peers] == [True] * 4, \
         [peer.error for peer in backend.peers]
     for seed in (1, 2, 3, 4):
