@@ -54,6 +54,7 @@ VAR_STATE_DIR = os.environ.get("PERDITION_VAR_STATE_DIR", "/var/run")
 MAX_LINE = 8192                 # longest command line before login (RFC 2683)
 MAX_LITERAL = 8192              # longest IMAP literal before login
 BUFFER_SIZE = 65536             # pump read size
+LINE_READ = 4096                # read size before login: commands are short
 THREAD_STACK_SIZE = 256 * 1024  # so that thousands of sessions fit
 
 
@@ -1292,14 +1293,14 @@ class Connection:
             if len(self.buffer) > limit:
                 raise ProtocolError("Line too long")
             start = len(self.buffer)
-            data = self._recv(BUFFER_SIZE)
+            data = self._recv(LINE_READ)
             if not data:
                 raise EOFError
             self.buffer += data
 
     def read_exact(self, size):
         while len(self.buffer) < size:
-            data = self._recv(BUFFER_SIZE)
+            data = self._recv(LINE_READ)
             if not data:
                 raise EOFError
             self.buffer += data
