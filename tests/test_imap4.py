@@ -154,6 +154,14 @@ def test_no_bind_banner_greets_with_the_uname_host_name(custom):
         assert client.readline() == UNAME_GREETING
 
 
+def test_no_lookup_implies_no_bind_banner(perdition_factory, dovecot):
+    proxy = perdition_factory(["-n"], "IMAP4", dovecot.imap_port)
+    with RawClient(proxy.port) as client:
+        assert client.readline() == UNAME_GREETING
+        client.send(b"n1 LOGIN bob bobpw\r\n")
+        assert client.readline() == b"n1 OK You are so in\r\n"
+
+
 def test_default_capability(imap):
     with greeted(imap.port) as client:
         client.send(b"c1 CAPABILITY\r\n")
