@@ -2011,6 +2011,7 @@ class Session:
 
 SPLICE = hasattr(os, "splice")
 PIPE_SIZE = 256 * 1024
+BURST = 16384       # a read this large starts (and keeps up) a splice burst
 
 
 class PipePool:
@@ -2147,35 +2148,29 @@ class Pump:
             destination.sendall(data)
             self.count(counter, len(data))
 
-    def plain(self, source, destination, counter):
-        receive, send = source.sock.recv, destination.sock.send
+    def patiently(self, call, *args):
+        """call(*args) on a blocking socket, waiting out the ticks of
+        SO_RCVTIMEO and SO_SNDTIMEO until the idle timeout."""
         while True:
-            try:    # wait without holding a buffer: idle sessions are many
-                if not receive(1, socket.MSG_PEEK):
-                    return
+            try:
+                return call(*args)
             except BlockingIOError:
                 self.idle()
-                continue
+
+    def plain(self, source, destination, counter):
+        receive, send = source.sock.recv, destination.sock.send
+        # Wait with a peek, holding no buffer: idle sessions are many.
+        while self.patiently(receive, 1, socket.MSG_PEEK):
             data = receive(BUFFER_SIZE, socket.MSG_DONTWAIT)
             self.last_activity = time.monotonic()
-            try:
-                sent = send(data)
-            except BlockingIOError:
-                sent = 0
-            if sent < len(data):
-                self.send_rest(send, memoryview(data)[sent:])
+            view = memoryview(data)
+            while view:
+                view = view[self.patiently(send, view):]
             self.count(counter, len(data))
-            if SPLICE and len(data) == BUFFER_SIZE and \
+            if SPLICE and len(data) >= BURST and \
                     not self.splice(source.fileno(), destination.fileno(),
                                     counter):
                 return
-
-    def send_rest(self, send, view):
-        while view:
-            try:
-                view = view[send(view):]
-            except BlockingIOError:
-                self.idle()
 
     def splice(self, source, destination, counter):
         """Move a burst through a pipe; False at end of input."""
@@ -2185,22 +2180,14 @@ class Pump:
         clean = False
         try:
             while True:
-                try:
-                    size = os.splice(source, write, capacity)
-                except BlockingIOError:
-                    self.idle()
-                    continue
+                size = self.patiently(os.splice, source, write, capacity)
                 if not size:
                     clean = True
                     return False
                 self.last_activity = time.monotonic()
-                burst = size >= BUFFER_SIZE
+                burst = size >= BURST
                 while size:
-                    try:
-                        moved = os.splice(read, destination, size)
-                    except BlockingIOError:
-                        self.idle()
-                        continue
+                    moved = self.patiently(os.splice, read, destination, size)
                     size -= moved
                     self.count(counter, moved)
                 if not burst:
