@@ -318,12 +318,14 @@ def _config_records(text, filename):
     while i < n:
         c = text[i]
         i += 1
-        if quote:
-            if c == quote:
-                quote = None
+        if quote:           # '...' nests in "...", as in the config file
+            if c == quote[-1]:
+                quote = quote[:-1]
             elif c == "\n":
                 raise MapError("%s:%d: unterminated %s quote"
-                               % (filename, number, quote))
+                               % (filename, number, quote[-1]))
+            elif c == "'" and quote == '"':
+                quote += c
             else:
                 word += c
             bare_colon = False

@@ -235,6 +235,13 @@ def test_regex_docstring_example(tmp_path):
     assert popmap.lookup("zed", context()) == "mail2.example.net"
 
 
+def test_regex_single_quotes_nest_in_double_quotes(tmp_path):
+    """As in the configuration file: inside "...", '...' quotes again, so
+    a '"' there is literal."""
+    popmap = regex_map(tmp_path, "\"^a'b\"c'd$\" host\n")
+    assert popmap.lookup('ab"cd', context()) == "host"
+
+
 def test_regex_double_quotes_keep_backslashes(tmp_path):
     popmap = regex_map(tmp_path, r'"^a\.b$" "it\s" ' "\n")
     assert popmap.lookup("a.b", context()) == r"it\s"
