@@ -4,11 +4,27 @@ processes started on demand."""
 import os
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 
 from dovecot import Dovecot, dovecot_binary
 from helpers import Perdition
+
+
+def pytest_configure(config):
+    """Each run gets a base directory of its own.  pytest's shared
+    /tmp/pytest-of-<user> is made private (0700) again by every run, which
+    would cut Dovecot's and perdition's unprivileged users off from the
+    files of another run going on at the same time."""
+    if config.option.basetemp is None:
+        config.option.basetemp = tempfile.mkdtemp(prefix="perdition-tests-")
+        config.own_basetemp = config.option.basetemp
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "own_basetemp", None):
+        shutil.rmtree(config.own_basetemp, ignore_errors=True)
 
 
 PACKAGES = ["dovecot-imapd", "dovecot-pop3d", "curl", "openssl"]
