@@ -1195,6 +1195,12 @@ class Connection:
                 if not data:
                     raise ssl.SSLEOFError("EOF during TLS handshake")
                 self._incoming.write(data)
+            except ssl.SSLError:    # the peer learns why from the alert
+                try:
+                    self.sock.send(self._outgoing.read(), socket.MSG_DONTWAIT)
+                except OSError:
+                    pass
+                raise
         self._send_raw(self._outgoing.read())
         self.tls = tls
 
