@@ -53,6 +53,7 @@ VAR_STATE_DIR = os.environ.get("PERDITION_VAR_STATE_DIR", "/var/run")
 
 MAX_LINE = 8192                 # longest command line before login (RFC 2683)
 MAX_LITERAL = 8192              # longest IMAP literal before login
+MAX_SERVER_LINES = 1000         # most lines of one answer before login
 BUFFER_SIZE = 65536             # pump read size
 LINE_READ = 4096                # read size before login: commands are short
 THREAD_STACK_SIZE = 256 * 1024  # so that thousands of sessions fit
@@ -1689,8 +1690,7 @@ class IMAP4:
             else:
                 line += b" " + word
         session.send_server(server, line, masked)
-        while True:
-            answer = session.read_server_line(server)
+        for answer in session.server_lines(server):
             if answer.startswith(tag + " "):
                 return answer[len(tag) + 1:]
 
@@ -1700,8 +1700,7 @@ class IMAP4:
             return match.group(1).upper().split()
         self.session.send_server(server, "P0 CAPABILITY")
         caps = []
-        while True:
-            line = self.session.read_server_line(server)
+        for line in self.session.server_lines(server):
             if line.upper().startswith("* CAPABILITY "):
                 caps = line[13:].upper().split()
             elif line.startswith("P0 "):
@@ -1988,15 +1987,19 @@ class Session:
         self.log_dialogue("server", line)
         return line
 
+    def server_lines(self, server):
+        """The real server's lines for one answer: a bounded number."""
+        for _ in range(MAX_SERVER_LINES):
+            yield self.read_server_line(server)
+        raise ProtocolError("Server sent too many lines")
+
     def read_server_lines(self, server):
-        """A POP3 multi-line answer, up to its '.' line (bounded)."""
+        """A POP3 multi-line answer, up to its '.' line."""
         lines = []
-        for _ in range(1000):
-            line = self.read_server_line(server)
+        for line in self.server_lines(server):
             if line == ".":
                 return lines
             lines.append(line[1:] if line.startswith(".") else line)
-        raise ProtocolError("Server sent too many lines")
 
     def send_server(self, server, text, masked=None):
         if isinstance(text, str):

@@ -577,6 +577,26 @@ def test_server_hangs_after_greeting(scripted, backend):
         assert login(client, tag=b"L2") == b"L2 OK You are so in\r\n"
 
 
+def test_server_flooding_untagged_lines_fails_the_login(scripted, backend):
+    """An answer is read up to a bounded number of lines, however fast
+    they come."""
+    def flood(peer):
+        peer.send(b"* OK flooding\r\n")
+        read_command(peer)
+        try:
+            for _ in range(100000):
+                peer.send(b"* OK still not done\r\n")
+        except OSError:
+            pass
+
+    backend.reset(flood)
+    with greeted(scripted.port) as client:
+        assert login(client).startswith(b"L1 NO ")
+        backend.reset(imap_server())
+        assert login(client, tag=b"L2") == b"L2 OK You are so in\r\n"
+    scripted.wait_for_log("Server sent too many lines")
+
+
 def test_idle_client_before_login_times_out(scripted):
     with greeted(scripted.port) as client:
         assert command(client, b"n1 NOOP").startswith(b"n1 OK ")
