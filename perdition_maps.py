@@ -338,8 +338,10 @@ def _config_records(text, filename):
                 bare_colon = False
             i += 1
             continue
-        if c == "#":
-            i = text.index("\n", i)
+        if c == "#":        # to the end of the line; a final \ continues it
+            while i < n and (text[i] != "\n" or text[i - 1] == "\\"):
+                number += text[i] == "\n"
+                i += 1
             continue
         if c in " \t\r\n":
             if word is not None:

@@ -681,3 +681,17 @@ def test_base_map_defaults():
         popmap.lookup("key", context())
     assert set(perdition_maps.BUILTIN_MAPS) == {"gdbm", "posix_regex",
                                                 "sqlite", "http"}
+
+
+def test_regex_comment_continued_by_a_backslash(tmp_path):
+    """As in the configuration file, a comment ending in a backslash goes on
+    to the next line, which is then no rule of its own; the line numbers
+    of later errors stay right."""
+    popmap = regex_map(tmp_path, "# a comment \\\n^hidden$ nowhere\n"
+                                 "^shown$ here\n")
+    assert popmap.lookup("hidden", context()) is None
+    assert popmap.lookup("shown", context()) == "here"
+    with pytest.raises(perdition_maps.MapError, match=r":4: "):
+        regex_map(tmp_path, "# c \\\nstill comment\nok: a\n(bad: b\n")
+    assert regex_map(tmp_path, "^x$ y\n# last \\").lookup(
+        "x", context()) == "y"
