@@ -40,11 +40,12 @@ posix_regex (-m: file, default /etc/perdition/popmap.re)
     regex found anywhere in the key (no implicit ^ or $) wins and its
     substitution is the answer, with ``$0``..``$9`` replaced by the match
     and its groups (a group that took no part is empty).  The file is
-    tokenised like perdition's configuration file: ``#`` starts a comment,
-    a backslash before a newline joins lines, a backslash before any other
-    character makes that character literal and is itself dropped (so a
-    regex's ``\.`` is written ``\\.``, or quoted), everything inside '...'
-    is literal, and inside "..." everything but the closing " is literal.
+    tokenised like perdition's configuration file: ``#`` starts a comment
+    (which a final backslash continues), a backslash before a newline joins
+    lines, a backslash before any other character makes that character
+    literal and is itself dropped (so a regex's ``\.`` is written ``\\.``, or
+    quoted), everything inside '...' is literal, and inside "..." everything
+    but the closing " is literal, except that '...' nests there.
     For example:
 
         '^(.*)@example\.com$'    $1@imap.example.com:143
