@@ -1474,9 +1474,9 @@ class POP3:
                                "Invalid user name or password")
         session.check_greeting(self.expect_ok(server, "Greeting"))
         if session.tls_outgoing():
-            self.session.send_server(server, "CAPA")
+            session.send_server(server, "CAPA")
             capable = False
-            if self.session.read_server_line(server).startswith("+OK"):
+            if session.read_server_line(server).startswith("+OK"):
                 capable = "STLS" in (c.upper() for c in
                                      session.read_server_lines(server))
             if session.start_tls_outgoing(server, capable):
