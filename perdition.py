@@ -56,6 +56,8 @@ MAX_LITERAL = 8192              # longest IMAP literal before login
 MAX_SERVER_LINES = 1000         # most lines of one answer before login
 BUFFER_SIZE = 65536             # pump read size
 LINE_READ = 4096                # read size before login: commands are short
+LINGER_TIME = 2.0               # seconds to read and drop input after an error
+LINGER_BYTES = 16 << 20         # ... and at most this much of it
 THREAD_STACK_SIZE = 256 * 1024  # so that thousands of sessions fit
 
 
@@ -1342,6 +1344,26 @@ class Connection:
         finally:
             self._send_lock.release()
 
+    def linger(self):
+        """Close our side, then read and drop what the peer still sends,
+        for a bounded time and amount.  Closing with unread input would
+        reset the connection, and the peer might never read our error."""
+        self.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + LINGER_TIME
+        dropped = 0
+        try:
+            while dropped < LINGER_BYTES:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.sock.settimeout(left)
+                data = self.sock.recv(BUFFER_SIZE)
+                if not data:
+                    break
+                dropped += len(data)
+        except OSError:
+            pass
+
     def close(self):
         self.shutdown()
         self.sock.close()
@@ -1793,6 +1815,7 @@ class Session:
             log.debug("%s: client closed the connection" % self.client_ip)
         except ProtocolError as e:
             self.say_farewell(str(e))
+            self.client.linger()
         except TimeoutError:
             self.say_farewell("Idle timeout")
         except (OSError, ssl.SSLError) as e:

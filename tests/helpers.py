@@ -124,14 +124,14 @@ class Perdition:
     def stderr(self):
         return _read(self.stderr_file)
 
-    def wait_for_log(self, substring, timeout=5):
-        """Return the log once it contains *substring*; fail after *timeout*
-        seconds, since perdition may write a line after the client sees the
-        reply it concerns."""
+    def wait_for_log(self, substring, timeout=5, count=1):
+        """Return the log once it contains *substring* (*count* times); fail
+        after *timeout* seconds, since perdition may write a line after the
+        client sees the reply it concerns."""
         deadline = time.monotonic() + timeout
         while True:
             text = self.log()
-            if substring in text:
+            if text.count(substring) >= count:
                 return text
             if time.monotonic() > deadline:
                 raise AssertionError(
