@@ -761,18 +761,22 @@ class Log:
         if self.use_syslog:
             syslog.syslog(priority, message)
             return
-        now = (int(time.time()), os.getpid())
+        now = int(time.time())
         with self.lock:
             if now != self._second:     # a timestamp made once a second
                 self._second = now
                 self._stamp = "%s %s[%d]: " % (time.strftime(
-                    "%b %d %H:%M:%S", time.localtime(now[0])), self.ident,
-                    now[1])
+                    "%b %d %H:%M:%S", time.localtime(now)), self.ident,
+                    os.getpid())
             try:
                 self.stream.write(self._stamp + message + "\n")
                 self.stream.flush()
             except (OSError, ValueError):
                 pass
+
+    def forked(self):
+        """A new process: the next line makes a stamp with the new pid."""
+        self._second = None
 
     def err(self, message):
         self.write(syslog.LOG_ERR, message)
@@ -1165,12 +1169,13 @@ class Connection:
     """
 
     __slots__ = ("sock", "buffer", "tls", "_incoming", "_outgoing",
-                 "_tls_lock", "_send_lock")
+                 "_tls_lock", "_send_lock", "_shut")
 
     def __init__(self, sock):
         self.sock = sock
         self.buffer = bytearray()   # read but not yet consumed
         self.tls = None
+        self._shut = None           # how it was shut down, if it was
 
     def fileno(self):
         return self.sock.fileno()
@@ -1318,6 +1323,11 @@ class Connection:
         return data
 
     def shutdown(self, how=socket.SHUT_RDWR):
+        """Each end of a session shuts its sockets down from both pump
+        threads and the session: only the first call of a kind is made."""
+        if self._shut in (how, socket.SHUT_RDWR):
+            return
+        self._shut = how
         if self.tls is not None:
             self._close_notify()
         try:
@@ -2460,6 +2470,7 @@ def daemonise():
     if os.fork():
         os._exit(0)
     os.chdir("/")
+    log.forked()
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
