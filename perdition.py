@@ -2054,6 +2054,7 @@ class Session:
 SPLICE = hasattr(os, "splice")
 PIPE_SIZE = 256 * 1024
 BURST = 16384       # a read this large starts (and keeps up) a splice burst
+FIRST_READ = 1024   # the buffer a pump holds while it waits
 
 
 class PipePool:
@@ -2140,9 +2141,10 @@ class Pump:
     server to client.  The idle timeout counts activity in either direction.
 
     Between two plaintext sockets the sockets block, with SO_RCVTIMEO and
-    SO_SNDTIMEO as the idle clock's tick, so a small message costs a
-    peek, one recv() and one send(); once a read fills the buffer, the
-    burst goes through a pipe with os.splice and never enters Python.
+    SO_SNDTIMEO as the idle clock's tick, so a small message costs one
+    recv() and one send() (a pump waits with a FIRST_READ buffer, small
+    since idle sessions are many); once a read fills BURST, the burst goes
+    through a pipe with os.splice and never enters Python.
     With TLS on either side the bytes pass through Connection, which
     serialises the calls on each SSL object.
     """
@@ -2244,9 +2246,16 @@ class Pump:
 
     def plain(self, source, destination, counter):
         receive, send = source.sock.recv, destination.sock.send
-        # Wait with a peek, holding no buffer: idle sessions are many.
-        while self.patiently(receive, 1, socket.MSG_PEEK):
-            data = receive(BUFFER_SIZE, socket.MSG_DONTWAIT)
+        while True:
+            # A small buffer while waiting: idle sessions are many.
+            data = self.patiently(receive, FIRST_READ)
+            if not data:
+                return
+            if len(data) == FIRST_READ:
+                try:
+                    data += receive(BUFFER_SIZE, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass
             self.last_activity = time.monotonic()
             view = memoryview(data)
             while view:
