@@ -252,7 +252,10 @@ def test_daemon_with_pid_file(tmp_path, dovecot):
         os.kill(pid, signal.SIGTERM)
         wait_until(lambda: not alive(pid), what="exit on SIGTERM")
         assert not os.path.exists(pid_file)
-        assert "Exiting on signal" in log.read_text()
+        lines = log.read_text().splitlines()
+        assert any("Exiting on signal" in line for line in lines)
+        # Every line, from the first, names the daemon, not its parent.
+        assert all(" perdition[%d]: " % pid in line for line in lines)
     finally:
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
