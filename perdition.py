@@ -1327,9 +1327,9 @@ class Connection:
         threads and the session: only the first call of a kind is made."""
         if self._shut in (how, socket.SHUT_RDWR):
             return
-        self._shut = how
-        if self.tls is not None:
+        if self.tls is not None and self._shut is None:
             self._close_notify()
+        self._shut = how
         try:
             self.sock.shutdown(how)
         except OSError:

@@ -907,6 +907,25 @@ def test_tls_listen_force_refuses_plaintext_login(protocol, mode_proxies,
 
 
 @pytest.mark.parametrize("protocol", ["IMAP4", "POP3"])
+def test_over_long_line_inside_tls(protocol, mode_proxies, pki):
+    """A line over the limit after STARTTLS/STLS: the client reads the
+    error and the end of TLS, and what it sends meanwhile is dropped, not
+    answered with a reset."""
+    proxy = mode_proxies[protocol, "tls_listen"]
+    errors = proxy.log().count("Line too long")
+    with RawClient(proxy.port) as client:
+        client.readline()
+        assert start_tls(protocol, client)
+        client.starttls(client_context(pki))
+        command = b"a1 LOGIN " if protocol == "IMAP4" else b"USER "
+        client.send(command + b"x" * 100000 + b"\r\n")
+        proxy.wait_for_log("Line too long", count=errors + 1)
+        client.send(b"NOOP\r\n" * 10000)
+        answer = client.read_until(b"\0")      # never sent: to the end
+    assert answer.startswith(b"* BYE " if protocol == "IMAP4" else b"-ERR ")
+
+
+@pytest.mark.parametrize("protocol", ["IMAP4", "POP3"])
 def test_login_disabled_before_and_after_starttls(protocol, proxies, pki,
                                                   dovecot):
     proxy = proxies.get(*mode_spec(pki, dovecot, protocol, "tls_listen",
