@@ -4,14 +4,17 @@ Two threads per connection copy bytes with recv() and sendall(), and do
 nothing else: no protocol, no login, no log, no limits.  Measured beside
 perdition (``--other-proxy``, see README.md), it shows how much of
 perdition's cost is its own and how much is the price, on this machine, of
-a thread wake-up and of the GIL.  It is not a proxy to deploy: it has no
-timeouts and it passes TLS through untouched.
+a thread wake-up and of the GIL.  With ``--loop`` one thread relays every
+connection from a selector instead: the floor of the other shape.  It is
+not a proxy to deploy: it has no timeouts, a slow reader stalls the loop,
+and it passes TLS through untouched.
 
-    python3 bench/relay.py LISTEN_PORT BACKEND_PORT
+    python3 bench/relay.py [--loop] LISTEN_PORT BACKEND_PORT
 
 It listens on 127.0.0.1 and runs until it is signalled.
 """
 
+import selectors
 import socket
 import sys
 import threading
@@ -52,17 +55,58 @@ def session(client, backend_port):
             other.join()
 
 
-def main(listen_port, backend_port):
+def threads(listener, backend_port):
     threading.stack_size(256 * 1024)
-    listener = socket.create_server(("127.0.0.1", listen_port),
-                                    backlog=socket.SOMAXCONN)
     while True:
         client, _ = listener.accept()
         threading.Thread(target=session, args=(client, backend_port),
                          daemon=True).start()
 
 
+def loop(listener, backend_port):
+    """Every connection in one thread: a selector says which socket has
+    data, and the data goes out with a blocking sendall()."""
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    while True:
+        for key, _ in selector.select():
+            if key.fileobj is listener:
+                client, _ = listener.accept()
+                try:
+                    server = socket.create_connection(
+                        ("127.0.0.1", backend_port), timeout=10)
+                except OSError:
+                    client.close()
+                    continue
+                for sock, peer in ((client, server), (server, client)):
+                    sock.settimeout(None)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    selector.register(sock, selectors.EVENT_READ, peer)
+                continue
+            source, destination = key.fileobj, key.data
+            try:
+                data = source.recv(BUFFER_SIZE)
+                if data:
+                    destination.sendall(data)
+                    continue
+            except OSError:
+                pass
+            for sock in (source, destination):
+                if sock.fileno() >= 0:      # not closed earlier in this turn
+                    selector.unregister(sock)
+                    sock.close()
+
+
+def main(argv):
+    shape = threads
+    if argv[:1] == ["--loop"]:
+        shape, argv = loop, argv[1:]
+    if len(argv) != 2:
+        sys.exit("usage: relay.py [--loop] LISTEN_PORT BACKEND_PORT")
+    listener = socket.create_server(("127.0.0.1", int(argv[0])),
+                                    backlog=socket.SOMAXCONN)
+    shape(listener, int(argv[1]))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: relay.py LISTEN_PORT BACKEND_PORT")
-    main(int(sys.argv[1]), int(sys.argv[2]))
+    main(sys.argv[1:])
