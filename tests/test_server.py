@@ -447,14 +447,17 @@ def test_no_thread_or_descriptor_left_behind(proxy):
 def test_workers_are_reused_then_end():
     """A finished worker thread takes the next task; at most `keep` wait,
     each for `linger` seconds, and then they end."""
-    workers = perdition.Workers(keep=2, linger=0.5)
-    started = _thread._count()
-    idents, done = [], threading.Semaphore(0)
+    workers = perdition.Workers(keep=2, linger=2)
+    threads, done = [], threading.Semaphore(0)
 
     def task(hold):
-        idents.append(_thread.get_ident())
+        threads.append(_thread.get_native_id())
         hold.wait(5)
         done.release()
+
+    def alive():
+        return sum(os.path.exists("/proc/self/task/%d" % tid)
+                   for tid in set(threads))
 
     free = threading.Event()
     free.set()
@@ -462,19 +465,17 @@ def test_workers_are_reused_then_end():
         workers.start(task, free)
         assert done.acquire(timeout=5)
         wait_until(lambda: workers._idle, what="the worker waiting")
-    assert len(set(idents)) == 1
+    assert len(set(threads)) == 1
     holds = [threading.Event() for _ in range(4)]
     for hold in holds:                  # four at once: four threads
         workers.start(task, hold)
-    wait_until(lambda: len(idents) == 7, what="four tasks running")
-    assert len(set(idents[3:])) == 4
+    wait_until(lambda: len(threads) == 7, what="four tasks running")
+    assert len(set(threads[3:])) == 4 and threads[0] in threads[3:]
     for hold in holds:
         hold.set()
         assert done.acquire(timeout=5)
-    wait_until(lambda: _thread._count() == started + 2, timeout=2,
-               what="two workers kept")
-    wait_until(lambda: _thread._count() == started, timeout=3,
-               what="the workers ended")
+    wait_until(lambda: alive() == 2, timeout=1.5, what="two workers kept")
+    wait_until(lambda: alive() == 0, timeout=5, what="the workers ended")
 
 
 # ---------------------------------------------------------------------------
