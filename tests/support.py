@@ -12,6 +12,7 @@ import os
 import random
 import re
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -67,9 +68,10 @@ def big_message(size, seed):
 # Clients
 # ---------------------------------------------------------------------------
 
-def wait_for_eof(client, timeout=TIMEOUT):
+def wait_for_eof(client, timeout=TIMEOUT, reset=False):
     """Return what *client* (a RawClient) receives until the other side
-    closes; fail if it is still open after *timeout* seconds."""
+    closes; fail if it is still open after *timeout* seconds.  With
+    *reset*, a reset or a TLS error also counts as the end."""
     deadline = time.monotonic() + timeout
     data, client.buffer = bytearray(client.buffer), b""
     while True:
@@ -79,6 +81,10 @@ def wait_for_eof(client, timeout=TIMEOUT):
         except socket.timeout:
             raise AssertionError(f"still open after {timeout} s; received "
                                  f"{bytes(data[-200:])!r}") from None
+        except (ConnectionResetError, ssl.SSLError):
+            if not reset:
+                raise
+            return bytes(data)
         if not chunk:
             return bytes(data)
         data += chunk

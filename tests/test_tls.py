@@ -38,7 +38,7 @@ import pytest
 from dovecot import Dovecot, free_port
 from helpers import (PERDITION, Perdition, RawClient, TIMEOUT, imap_connect,
                      perdition_env, pop3_connect, run_perdition)
-from support import ScriptedBackend
+from support import ScriptedBackend, wait_for_eof
 
 sys.path.insert(0, os.path.dirname(PERDITION))
 import perdition  # noqa: E402
@@ -466,26 +466,6 @@ def start_tls(protocol, client):
     if protocol == "IMAP4":
         return exchange(client, "s", "STARTTLS")[-1].startswith("s OK")
     return pop3_command(client, "STLS")[0].startswith("+OK")
-
-
-def read_to_end(client, timeout=5):
-    """Everything until perdition closes the connection, which must happen
-    within *timeout* seconds."""
-    data, deadline = b"", time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"connection still open; got {data!r}")
-        client.sock.settimeout(remaining)
-        try:
-            chunk = client.sock.recv(65536)
-        except socket.timeout:
-            continue
-        except (ConnectionResetError, ssl.SSLError):
-            return data
-        if not chunk:
-            return data
-        data += chunk
 
 
 def duplex(sock, outgoing, done, received=b"", timeout=60):
@@ -921,7 +901,7 @@ def test_over_long_line_inside_tls(protocol, mode_proxies, pki):
         client.send(command + b"x" * 100000 + b"\r\n")
         proxy.wait_for_log("Line too long", count=errors + 1)
         client.send(b"NOOP\r\n" * 10000)
-        answer = client.read_until(b"\0")      # never sent: to the end
+        answer = wait_for_eof(client)
     assert answer.startswith(b"* BYE " if protocol == "IMAP4" else b"-ERR ")
 
 
@@ -1282,7 +1262,7 @@ def transcript(protocol, port, user, password):
         for command in commands:
             client.send(command.encode() + b"\r\n")
             data += client.readline()
-        return data + read_to_end(client)
+        return data + wait_for_eof(client, 5)
 
 
 @pytest.mark.parametrize("protocol", ["IMAP4", "POP3"])
@@ -1369,7 +1349,7 @@ def test_failed_handshake_ends_the_connection(case, mode_proxies, pki,
                 client.starttls(client_context(pki, "other"))
         else:
             client.send(payload)
-            assert b"OK" not in read_to_end(client)
+            assert b"OK" not in wait_for_eof(client, 5, reset=True)
     deadline = time.monotonic() + 5
     while proxy.log().count("Close: ") == closes:
         assert time.monotonic() < deadline, proxy.log()
