@@ -37,22 +37,31 @@ def pump(source, destination):
                 pass
 
 
+def connect(client, backend_port):
+    """The back-end connection for *client*, or None (and *client*
+    closed) when it cannot be made; both sockets block, without Nagle."""
+    try:
+        server = socket.create_connection(("127.0.0.1", backend_port),
+                                          timeout=10)
+    except OSError:
+        client.close()
+        return None
+    for sock in (client, server):
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return server
+
+
 def session(client, backend_port):
-    with client:
-        try:
-            server = socket.create_connection(("127.0.0.1", backend_port),
-                                              timeout=10)
-        except OSError:
-            return
-        with server:
-            server.settimeout(None)
-            for sock in (client, server):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            other = threading.Thread(target=pump, args=(server, client),
-                                     daemon=True)
-            other.start()
-            pump(client, server)
-            other.join()
+    server = connect(client, backend_port)
+    if server is None:
+        return
+    with client, server:
+        other = threading.Thread(target=pump, args=(server, client),
+                                 daemon=True)
+        other.start()
+        pump(client, server)
+        other.join()
 
 
 def threads(listener, backend_port):
@@ -72,16 +81,10 @@ def loop(listener, backend_port):
         for key, _ in selector.select():
             if key.fileobj is listener:
                 client, _ = listener.accept()
-                try:
-                    server = socket.create_connection(
-                        ("127.0.0.1", backend_port), timeout=10)
-                except OSError:
-                    client.close()
-                    continue
-                for sock, peer in ((client, server), (server, client)):
-                    sock.settimeout(None)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    selector.register(sock, selectors.EVENT_READ, peer)
+                server = connect(client, backend_port)
+                if server is not None:
+                    selector.register(client, selectors.EVENT_READ, server)
+                    selector.register(server, selectors.EVENT_READ, client)
                 continue
             source, destination = key.fileobj, key.data
             try:
