@@ -1780,18 +1780,19 @@ class Session:
     Sessions, connections and pumps have __slots__: thousands of idle
     sessions are held at once."""
 
-    __slots__ = ("perdition", "config", "client", "client_ip", "client_port",
-                 "server_ip", "server_port", "hostname", "inetd_pid",
-                 "protocol", "user", "password", "backend", "attempts",
-                 "received", "sent", "tls_probe")
+    __slots__ = ("perdition", "generation", "config", "client", "client_ip",
+                 "client_port", "server_ip", "server_port", "hostname",
+                 "inetd_pid", "protocol", "user", "password", "backend",
+                 "attempts", "received", "sent", "tls_probe", "proxying")
 
-    def __init__(self, perdition, sock, hostname, inetd_pid=None):
+    def __init__(self, perdition, generation, sock, host, inetd_pid=None):
         self.perdition = perdition
-        self.config = perdition.config
+        self.generation = generation        # kept to the session's end
+        self.config = generation.config
         self.client = Connection(sock)
         self.client_ip, self.client_port = plain_address(sock.getpeername())
         self.server_ip, self.server_port = plain_address(sock.getsockname())
-        self.hostname = hostname
+        self.hostname = generation.hostnames[host]
         self.inetd_pid = inetd_pid
         self.protocol = perdition.protocol_class(self)
         self.user = ""
@@ -1800,6 +1801,7 @@ class Session:
         self.attempts = 0
         self.received = self.sent = 0
         self.tls_probe = None
+        self.proxying = False
 
     def run(self):
         config = self.config
@@ -1807,20 +1809,18 @@ class Session:
                                     % self.inetd_pid if self.inetd_pid
                                     else ""))
         server = None
+        self.perdition.enter(self)
         try:
             self.client.sock.setsockopt(socket.IPPROTO_TCP,
                                         socket.TCP_NODELAY, 1)
             self.client.settimeout(config.authentication_timeout)
             if "ssl_listen" in config.ssl_mode:
-                self.client.start_tls(self.perdition.listen_context, True)
+                self.client.start_tls(self.generation.listen_context, True)
             self.reply(self.protocol.greeting(self.hostname))
             server = self.authenticate()
             if server is not None:
-                self.perdition.track(self, True)
-                try:
-                    Pump(self, server).run()
-                finally:
-                    self.perdition.track(self, False)
+                self.proxying = True
+                Pump(self, server).run()
         except EOFError:
             log.debug("%s: client closed the connection" % self.client_ip)
         except ProtocolError as e:
@@ -1831,6 +1831,7 @@ class Session:
         except (OSError, ssl.SSLError) as e:
             log.info("%s: connection error: %s" % (self.client_ip, e))
         finally:
+            self.perdition.leave(self)
             if server is not None:
                 server.close()
             self.client.close()
@@ -1859,7 +1860,7 @@ class Session:
             self.backend = None
             try:
                 try:
-                    self.backend = self.perdition.selector.select(
+                    self.backend = self.generation.selector.select(
                         self.user, self.password, self)
                     server, line = self.login()
                 except (OSError, EOFError, ProtocolError, ssl.SSLError) as e:
@@ -1943,7 +1944,7 @@ class Session:
                              % self.protocol.start_tls_command)
 
     def start_tls_listen(self):
-        self.client.start_tls(self.perdition.listen_context, True)
+        self.client.start_tls(self.generation.listen_context, True)
 
     # -- the server side ---------------------------------------------------
 
@@ -1996,7 +1997,7 @@ class Session:
 
     def handshake_outgoing(self, server):
         """TLS towards the real server, verified as the options say."""
-        tls = self.perdition.outgoing_tls
+        tls = self.generation.outgoing_tls
         host, port = self.backend.host, self.backend.port
         context = tls.context_for(host, port, self.tls_probe is not None)
         try:
@@ -2295,88 +2296,124 @@ class Pump:
 # The server and main()
 # ---------------------------------------------------------------------------
 
-class Perdition:
-    """What all sessions share, made once at start-up: the configuration,
-    the popmap, the server selector, TLS contexts, counters."""
+class Generation:
+    """What one reading of the configuration makes: the options, the
+    popmap, the server selector and user-name rules, the TLS contexts and
+    the greeting host names.
 
-    def __init__(self, config):
+    A session takes the current generation when it is accepted and keeps it
+    to its end; a reload (SIGHUP) builds a whole new one and swaps it in
+    with one assignment, so nothing changes under a running session.  A
+    replaced generation's popmap is closed when its last session ends.
+    """
+
+    def __init__(self, config, hosts, number=1):
         self.config = config
+        self.number = number
+        self.sessions = 0       # sessions using it, under Perdition.lock
+        self.retired = False
+        self.popmap = open_popmap(config)
+        try:
+            self.selector = ServerSelector(config, self.popmap,
+                                           UserNames(config))
+            modes = config.ssl_mode
+            self.listen_context = make_listen_context(config) \
+                if modes & {"ssl_listen", "tls_listen"} else None
+            self.outgoing_tls = OutgoingTLS(config) \
+                if modes & {"ssl_outgoing", "tls_outgoing"} else None
+            # Keyed by the host each listener is bound to (None: all).
+            self.hostnames = {host: greeting_hostname(config, host)
+                              for host in hosts}
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        if self.popmap is not None:
+            self.popmap.close()
+
+
+def open_popmap(config):
+    if not config.map_library:
+        return None
+    if perdition_maps is None:
+        raise OptionError("option -M, --map_library: perdition_maps.py "
+                          "is not installed beside perdition.py; use "
+                          "-M \"\" for no map")
+    try:
+        return perdition_maps.open_map(config.map_library,
+                                       config.map_library_opt)
+    except perdition_maps.MapError as e:
+        raise OptionError("option -M, --map_library %s: %s"
+                          % (config.map_library, e)) from None
+
+
+class Perdition:
+    """What lives as long as the process: the protocol, worker threads,
+    splice pipes, the open sessions and their count -- and the current
+    Generation, which a reload replaces."""
+
+    def __init__(self, config, hosts):
         self.protocol_class = IMAP4 if config.is_imap else POP3
-        self.popmap = self.open_popmap()
-        self.selector = ServerSelector(config, self.popmap, UserNames(config))
-        modes = config.ssl_mode
-        self.listen_context = make_listen_context(config) \
-            if modes & {"ssl_listen", "tls_listen"} else None
-        self.outgoing_tls = OutgoingTLS(config) \
-            if modes & {"ssl_outgoing", "tls_outgoing"} else None
+        self.hosts = hosts
+        self.generation = Generation(config, hosts)
         self.pipes = PipePool()
         self.workers = Workers()
-        self.active = 0
-        self.sessions = set()
+        self.active = 0         # admitted connections
+        self.sessions = set()   # sessions running, for relog and the stop
         self.lock = threading.Lock()
 
-    def open_popmap(self):
-        config = self.config
-        if not config.map_library:
-            return None
-        if perdition_maps is None:
-            raise OptionError("option -M, --map_library: perdition_maps.py "
-                              "is not installed beside perdition.py; use "
-                              "-M \"\" for no map")
-        try:
-            return perdition_maps.open_map(config.map_library,
-                                           config.map_library_opt)
-        except perdition_maps.MapError as e:
-            raise OptionError("option -M, --map_library %s: %s"
-                              % (config.map_library, e)) from None
+    @property
+    def config(self):
+        """The current options; those a reload cannot change are the same
+        in every generation."""
+        return self.generation.config
 
     def reload(self):
-        if self.popmap is not None:
+        generation = self.generation
+        if generation.popmap is not None:
             try:
-                self.popmap.reload()
+                generation.popmap.reload()
                 log.info("Reloaded the popmap")
             except Exception as e:
                 log.err("Reloading the popmap failed: %s" % e)
 
     def admit(self):
-        """Count a new connection; False when --connection_limit is hit."""
+        """Count a new connection and hand it the current generation; None
+        when --connection_limit is reached."""
         with self.lock:
-            limit = self.config.connection_limit
+            generation = self.generation
+            limit = generation.config.connection_limit
             if limit and self.active >= limit:
-                return False
+                return None
             self.active += 1
-            return True
+            generation.sessions += 1
+            return generation
 
-    def release(self):
+    def release(self, generation):
         with self.lock:
             self.active -= 1
+            generation.sessions -= 1
+            unused = generation.retired and not generation.sessions
+        if unused:
+            generation.close()
 
-    def track(self, session, proxying):
-        """Sessions in the proxy phase, for --connect_relog."""
+    def enter(self, session):
         with self.lock:
-            if proxying:
-                self.sessions.add(session)
-            else:
-                self.sessions.discard(session)
+            self.sessions.add(session)
+
+    def leave(self, session):
+        with self.lock:
+            self.sessions.discard(session)
 
     def relog(self, stop):
         """Log the Auth line of every proxied session again, every
         --connect_relog seconds, for POP and IMAP before SMTP."""
         while not stop.wait(self.config.connect_relog):
             with self.lock:
-                sessions = list(self.sessions)
+                sessions = [s for s in self.sessions if s.proxying]
             for session in sessions:
                 session.log_auth("ok")
-
-
-class SessionHandler(socketserver.BaseRequestHandler):
-    def handle(self):
-        try:
-            session = Session(self.server.perdition, self.request,
-                              self.server.hostname)
-        except OSError:         # gone before we could look at it
-            return
-        session.run()
 
 
 class PerditionServer(socketserver.ThreadingTCPServer):
@@ -2391,12 +2428,12 @@ class PerditionServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = getattr(socket, "SOMAXCONN", 128)
 
-    def __init__(self, perdition, address, hostname):
+    def __init__(self, perdition, address, host):
         self.perdition = perdition
-        self.hostname = hostname
+        self.host = host        # the key of the greeting host name
         self.address_family = socket.AF_INET6 if ":" in address[0] \
             else socket.AF_INET
-        super().__init__(address, SessionHandler)
+        super().__init__(address, Session)
 
     def server_bind(self):
         if self.address_family == socket.AF_INET6:
@@ -2405,7 +2442,8 @@ class PerditionServer(socketserver.ThreadingTCPServer):
         super().server_bind()
 
     def process_request(self, request, client_address):
-        if not self.perdition.admit():
+        generation = self.perdition.admit()
+        if generation is None:
             log.info("Connection limit reached, refusing %s"
                      % client_address[0])
             try:
@@ -2419,16 +2457,29 @@ class PerditionServer(socketserver.ThreadingTCPServer):
             return
         try:
             self.perdition.workers.start(self.process_request_thread,
-                                         request, client_address)
+                                         request, client_address, generation)
         except BaseException:
-            self.perdition.release()
+            self.perdition.release(generation)
             raise
 
-    def process_request_thread(self, request, client_address):
+    def process_request_thread(self, request, client_address, generation):
+        """socketserver's, with the generation the connection was admitted
+        with."""
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address, generation)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
-            self.perdition.release()
+            self.perdition.release(generation)
+            self.shutdown_request(request)
+
+    def finish_request(self, request, client_address, generation):
+        try:
+            session = self.RequestHandlerClass(self.perdition, generation,
+                                               request, self.host)
+        except OSError:         # gone before we could look at it
+            return
+        session.run()
 
     def shutdown_request(self, request):
         """A session shuts its connection down itself; what is left is to
@@ -2460,14 +2511,28 @@ def listen_addresses(config):
             for host, port in config.bind_address]
 
 
+def greeting_host(config, host):
+    """The host whose reverse lookup names a listener in the greeting:
+    its -b address, None when it listens on every address."""
+    return host if config.bind_address else None
+
+
+def listen_hosts(config):
+    """The greeting_host of each listener; under inetd, of the first -b
+    address."""
+    if config.inetd_mode:
+        return [config.bind_address[0][0] if config.bind_address else None]
+    return [greeting_host(config, host)
+            for host, _ in listen_addresses(config)]
+
+
 def bind_servers(perdition):
     config = perdition.config
     servers = []
     for host, port in listen_addresses(config):
-        hostname = greeting_hostname(config, host if config.bind_address
-                                     else None)
         try:
-            servers.append(PerditionServer(perdition, (host, port), hostname))
+            servers.append(PerditionServer(perdition, (host, port),
+                                           greeting_host(config, host)))
         except OSError as e:
             for server in servers:
                 server.server_close()
@@ -2546,8 +2611,8 @@ def serve_inetd(perdition):
     if not tcp:     # the log and the maps need the client's IP address
         raise OptionError("option -i, --inetd_mode: standard input is not "
                           "a connected TCP socket")
-    host = config.bind_address[0][0] if config.bind_address else None
-    Session(perdition, sock, greeting_hostname(config, host),
+    generation = perdition.admit()
+    Session(perdition, generation, sock, perdition.hosts[0],
             inetd_pid=os.getpid()).run()
     return 0
 
@@ -2575,7 +2640,7 @@ def main(argv=None):
             sys.stdout.write(usage(config.basename))
             return 0
         log.configure(config)
-        perdition = Perdition(config)
+        perdition = Perdition(config, listen_hosts(config))
         uid, gid = run_as(config) if os.geteuid() == 0 else (None, None)
         if config.inetd_mode:
             if config.debug:
