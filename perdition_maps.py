@@ -59,8 +59,10 @@ posix_regex (-m: file, default /etc/perdition/popmap.re)
     (SIGHUP); a bad file keeps the old table.
 
 sqlite (-m: ``dbpath:table:user_column:server_column:port_column``)
-    Defaults /etc/perdition/popmap.sqlite, popmap, user, servername, port;
-    empty fields take the default.  The port may be NULL.  The database is
+    Defaults /etc/perdition/popmap.sqlite, tblPerdition, user, servername,
+    port -- the table and columns of perditiondb(5)'s SQL maps, so a table
+    copied from a MySQL popmap works as it is; empty fields take the
+    default.  The port may be NULL.  The database is
     opened read-only for each lookup, so edits take effect at once.
 
 http (-m: ``URL[,timeout=SECS][,header=NAME:VALUE]...``)
@@ -541,9 +543,10 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 class SqliteMap(Map):
-    """A table of user, servername and port, like the original SQL maps."""
+    """A table of user, servername and port, named as in the original SQL
+    maps (perditiondb(5))."""
 
-    defaults = ("/etc/perdition/popmap.sqlite", "popmap",
+    defaults = ("/etc/perdition/popmap.sqlite", "tblPerdition",
                 "user", "servername", "port")
 
     def __init__(self, option):
@@ -560,7 +563,9 @@ class SqliteMap(Map):
             if not _IDENTIFIER.match(name):
                 raise MapError("sqlite map option %r: %r is not an "
                                "identifier" % (option, name))
-        self.query = ('SELECT "%s", "%s" FROM "%s" WHERE "%s" = ? LIMIT 1'
+        # [name], not "name": SQLite takes a "name" that matches no column
+        # for a string, and a misspelt column would silently match nothing.
+        self.query = ("SELECT [%s], [%s] FROM [%s] WHERE [%s] = ? LIMIT 1"
                       % (server, port, table, user))
         self.path = os.path.abspath(self.path)
         self.uri = "file:%s?mode=ro" % urllib.parse.quote(self.path)

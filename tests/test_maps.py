@@ -319,9 +319,9 @@ def test_ere_translation_rejects():
 def sqlite_db(tmp_path):
     path = tmp_path / "popmap.sqlite"
     with sqlite3.connect(path) as db:
-        db.execute("CREATE TABLE popmap (user TEXT PRIMARY KEY, "
+        db.execute("CREATE TABLE tblPerdition (user TEXT PRIMARY KEY, "
                    "servername TEXT, port INTEGER)")
-        db.executemany("INSERT INTO popmap VALUES (?, ?, ?)", [
+        db.executemany("INSERT INTO tblPerdition VALUES (?, ?, ?)", [
             ("alice", " mail1.example.net ", 1110),
             ("bob", "mail2.example.net", None),
             ("carol", None, 143)])
@@ -343,8 +343,8 @@ def test_sqlite_edit_takes_effect_at_once(sqlite_db):
     popmap = SqliteMap(str(sqlite_db))
     assert popmap.lookup("bob", context()) == "mail2.example.net"
     with sqlite3.connect(sqlite_db) as db:
-        db.execute("UPDATE popmap SET port = 995 WHERE user = 'bob'")
-        db.execute("INSERT INTO popmap VALUES ('dave', 'mail4', NULL)")
+        db.execute("UPDATE tblPerdition SET port = 995 WHERE user = 'bob'")
+        db.execute("INSERT INTO tblPerdition VALUES ('dave', 'mail4', NULL)")
     db.close()
     assert popmap.lookup("bob", context()) == "mail2.example.net:995"
     assert popmap.lookup("dave", context()) == "mail4"
@@ -363,8 +363,8 @@ def test_sqlite_custom_table_and_columns(tmp_path):
 def test_sqlite_defaults_fill_empty_fields():
     popmap = SqliteMap("::login")
     assert popmap.path == "/etc/perdition/popmap.sqlite"
-    assert popmap.query == ('SELECT "servername", "port" FROM "popmap" '
-                            'WHERE "login" = ? LIMIT 1')
+    assert popmap.query == ("SELECT [servername], [port] FROM "
+                            "[tblPerdition] WHERE [login] = ? LIMIT 1")
 
 
 @pytest.mark.parametrize("option", [
@@ -385,6 +385,12 @@ def test_sqlite_missing_database_is_not_created(tmp_path):
     with pytest.raises(MapError, match="missing.sqlite"):
         popmap.lookup("alice", context())
     assert not path.exists()
+
+
+def test_sqlite_misspelt_column_is_an_error(sqlite_db):
+    with pytest.raises(MapError, match="no such column: login"):
+        SqliteMap("%s:tblPerdition:login" % sqlite_db).lookup("alice",
+                                                            context())
 
 
 def test_sqlite_missing_table(tmp_path):

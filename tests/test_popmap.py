@@ -246,6 +246,48 @@ def test_sqlite_map_with_own_table_and_columns(
     assert lands(perdition, "carol", "carolpw") == "B:carol"
 
 
+def test_sqlite_map_takes_a_mysql_popmap_table_as_it_is(
+        backends, mapdir, perdition_factory):
+    """perditiondb(5)'s SQL maps: table tblPerdition, columns user,
+    servername and port; -m names only the database."""
+    a, b = backends
+    database = mapdir / "popmap.sqlite"
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        # The MySQL popmap's own definition, as perdition's docs give it.
+        db.execute("CREATE TABLE tblPerdition (user VARCHAR(128) NOT NULL, "
+                   "servername VARCHAR(255) NOT NULL, port VARCHAR(8), "
+                   "PRIMARY KEY (user))")
+        db.execute("INSERT INTO tblPerdition VALUES ('alice', '127.0.0.1', "
+                   "?)", (str(b.imap_port),))
+    database.chmod(0o644)
+    perdition = perdition_factory(["-M", "sqlite", "-m", database,
+                                   "-s", imap_at(a)])
+    assert lands(perdition, "alice", "alicepw") == "B:alice"
+    assert lands(perdition, "bob", "bobpw") == "A:bob"
+
+
+@pytest.mark.parametrize("option, message", [
+    ("{db}", "no such table: tblPerdition"),
+    ("{db}:tblPerdition:login", "no such column: login"),
+])
+def test_sqlite_lookup_error_is_logged_with_the_databases_message(
+        backends, mapdir, perdition_factory, option, message):
+    """A broken map is no answer (the -s server serves), and the log says
+    what the database said."""
+    a, _ = backends
+    database = mapdir / "popmap.sqlite"
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        db.execute("CREATE TABLE %s (user, servername, port)"
+                   % ("tblPerdition" if ":" in option else "other"))
+    database.chmod(0o644)
+    perdition = perdition_factory(["-M", "sqlite", "-m",
+                                   option.format(db=database),
+                                   "-s", imap_at(a)])
+    assert lands(perdition, "alice", "alicepw") == "A:alice"
+    log = perdition.wait_for_log("Map lookup of alice failed: ")
+    assert "%s: %s" % (database, message) in log
+
+
 class AuthService(http.server.ThreadingHTTPServer):
     """An nginx mail auth_http service: answers(headers) gives the reply
     headers for a request; every request's headers are kept."""
@@ -612,11 +654,11 @@ def test_query_key(backends, mapdir, perdition_factory, query_key, key):
     a, b = backends
     database = mapdir / "popmap.sqlite"
     with contextlib.closing(sqlite3.connect(database)) as db, db:
-        db.execute("CREATE TABLE popmap (user TEXT PRIMARY KEY, "
+        db.execute("CREATE TABLE tblPerdition (user TEXT PRIMARY KEY, "
                    "servername TEXT, port INTEGER)")
         # Found by the formats after the one expected to answer.
-        db.execute("INSERT INTO popmap VALUES ('alice', '127.0.0.1', ?)",
-                   (a.imap_port,))
+        db.execute("INSERT INTO tblPerdition VALUES ('alice', '127.0.0.1', "
+                   "?)", (a.imap_port,))
     database.chmod(0o644)
     perdition = perdition_factory(["--query_key", query_key,
                                    "-S", "remote_login",
@@ -624,8 +666,8 @@ def test_query_key(backends, mapdir, perdition_factory, query_key, key):
     source_port = free_port()
     key = key.format(source_port=source_port, listen_port=perdition.port)
     with contextlib.closing(sqlite3.connect(database)) as db, db:
-        db.execute("INSERT OR REPLACE INTO popmap VALUES (?, '127.0.0.1', ?)",
-                   (key, b.imap_port))
+        db.execute("INSERT OR REPLACE INTO tblPerdition VALUES (?, "
+                   "'127.0.0.1', ?)", (key, b.imap_port))
     assert lands(perdition, "alice@example.com", "alicepw",
                  source=(SOURCE_IP, source_port)) == "B:alice"
 
