@@ -119,6 +119,19 @@ HOSTNAME_RE = re.compile(
     r"(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?\Z")
 
 
+def parse_wire_text(value):
+    """Text that perdition sends to clients or servers as part of a line:
+    a CR or LF in it would end the line early (and the rest would read as
+    a second line), other control characters confuse clients.  A tab is
+    plain text to every protocol here."""
+    for c in value:
+        if not c.isprintable() and c != "\t":
+            raise OptionError("holds the unprintable character %r (a value "
+                              "sent on the wire must be one line of text)"
+                              % c)
+    return value
+
+
 def parse_flag(value):
     if value in (None, "", "1", "yes", "on", "true"):
         return True
@@ -308,11 +321,11 @@ OPTIONS = [
            "Allow USER of the form user<delimiter>server[:port] to choose "
            "the server.", FLAG),
     Option("D", "domain_delimiter", "STRING", "@",
-           "Delimiter between user name and domain."),
+           "Delimiter between user name and domain.", parse_wire_text),
     Option("d", "debug", None, "", "Turn on verbose debugging.", FLAG),
     Option("e", "explicit_domain", "STRING", "",
            "With -A, use STRING as the domain instead of the reverse lookup "
-           "of the address connected to."),
+           "of the address connected to.", parse_wire_text),
     Option("F", "log_facility", "FACILITY", "mail",
            "Syslog facility; a path starting with '/' is a file, '-' is "
            "stdout and '+' is stderr.", parse_log_facility),
@@ -324,7 +337,7 @@ OPTIONS = [
     Option("I", "capability", "STRING", None,
            "Capabilities: POP3 ones separated by two spaces (default "
            "\"UIDL  USER\"), IMAP4 ones by a space (default "
-           "\"IMAP4 IMAP4REV1\").",
+           "\"IMAP4 IMAP4REV1\").", parse_wire_text,
            aliases=("pop_capability", "imap_capability")),
     Option("i", "inetd_mode", None, "", "Run in inetd mode.", FLAG),
     Option("L", "connection_limit", "LIMIT", "0",
@@ -353,7 +366,8 @@ OPTIONS = [
            "Do not resolve host or port names from maps; implies "
            "--no_bind_banner.", FLAG),
     Option("O", "ok_line", "STRING", "You are so in",
-           "OK line sent to the client after a successful login."),
+           "OK line sent to the client after a successful login.",
+           parse_wire_text),
     Option("o", "server_resp_line", None, "",
            "Send the real server's response line to the client instead of "
            "the OK line.", FLAG, aliases=("server_ok_line",)),
@@ -491,9 +505,11 @@ def read_config_file(path):
     """Read perdition's configuration file syntax into [(line, key, value)].
 
     Keys are short or long option names; '#' starts a comment; a backslash
-    makes the next character literal and joins lines; '...' is all literal
-    and "..." is literal but for "'" (as the manual says: the original
-    nests a '...' there).  A key alone is a flag (value None).
+    makes the next character literal; '...' is all literal and "..." is
+    literal but for "'" (as the manual says: the original nests a '...'
+    there).  A backslash before a newline joins the two lines wherever it
+    stands, inside quotes too, as the original reads it.  A key alone is a
+    flag (value None).
     """
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         text = f.read()
@@ -503,7 +519,10 @@ def read_config_file(path):
         c = text[i] if i < len(text) else "\n"
         i += 1
         if quote:
-            if c == quote[-1]:
+            if c == "\\" and text[i:i + 1] == "\n":  # joins, even here
+                i += 1
+                lineno += 1
+            elif c == quote[-1]:
                 quote = quote[:-1]
             elif c == "\n" and i > len(text):
                 raise OptionError("%s:%d: unterminated quote"

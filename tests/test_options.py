@@ -376,6 +376,10 @@ def test_the_manuals_example(tmp_path):
     (r"ok\ line x", "ok line", "x"),
     # a backslash before the newline joins the lines
     ("ok_line You are \\\n  so in", "ok_line", "You are   so in"),
+    # ... wherever it stands, inside quotes too, as the C perdition reads it
+    ('ok_line "From the \\\nfile"', "ok_line", "From the file"),
+    ("ok_line 'From the \\\nfile'", "ok_line", "From the file"),
+    ('ok_line "a \'b \\\nc\' d"', "ok_line", "a b c d"),
     # single quotes: all literal
     ("""ok_line 'a # b \\ c "d"'""", "ok_line", """a # b \\ c "d\""""),
     ("'ok line' x", "ok line", "x"),
@@ -444,6 +448,37 @@ def test_bad_configuration_line_names_file_and_line(tmp_path, text, line,
         config("-f", conf)
     assert str(error.value).startswith("%s:%d: " % (conf, line))
     assert reason in str(error.value)
+
+
+@pytest.mark.parametrize("key", ["ok_line", "capability", "imap_capability",
+                                 "domain_delimiter", "explicit_domain"])
+@pytest.mark.parametrize("value, character", [
+    ('"one\ntwo"', "'\\n'"), ("'one\x1btwo'", "'\\x1b'"),
+    ("'a\x01b'", "'\\x01'"), ("'a\x7fb'", "'\\x7f'"),
+    ("'a\u2028b'", "'\\u2028'"), ("'a\x85b'", "'\\x85'"),
+])
+def test_a_value_sent_on_the_wire_is_one_line(tmp_path, key, value,
+                                              character):
+    """A newline inside ok_line would split the reply in two."""
+    conf = write_conf(tmp_path / "wire.conf", "# wire\n%s %s\n" % (key, value))
+    with pytest.raises(perdition.OptionError) as error:
+        config("-f", conf)
+    assert str(error.value).startswith("%s:2: %s: holds the unprintable "
+                                       "character %s" % (conf, key,
+                                                         character))
+
+
+def test_a_tab_is_text_on_the_wire(tmp_path):
+    conf = write_conf(tmp_path / "tab.conf", "ok_line 'so\tin'\n")
+    assert config("-f", conf).ok_line == "so\tin"
+
+
+def test_a_control_character_on_the_command_line_stops_start_up(tmp_path):
+    result = run_perdition(["--no_daemon", "-F", "+", "-M", "",
+                            "-O", "in\r\n* BYE"], tmpdir=tmp_path)
+    assert result.returncode == 1
+    assert "option -O, --ok_line: holds the unprintable character '\\r'" \
+        in result.stderr
 
 
 def test_bad_configuration_file_stops_start_up(tmp_path):
