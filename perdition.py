@@ -722,20 +722,30 @@ def usage(basename):
 # Logging
 # ---------------------------------------------------------------------------
 
-_UNPRINTABLE = re.compile(r'[\x00-\x1f\x7f-\x9f"\\]|[\ud800-\udfff]')
+def _escape(c):
+    if c in '"\\':
+        return "\\" + c
+    code = ord(c)
+    if 0xdc80 <= code <= 0xdcff:        # an undecodable byte, as it came
+        return "\\x%02x" % (code & 0xff)
+    return "\\x%02x" % code if code < 0x100 else \
+        "\\u%04x" % code if code < 0x10000 else "\\U%08x" % code
 
 
 def log_text(text):
     """User-supplied text made safe for a log line: no one forges a line.
 
-    Control characters, quotes and backslashes are escaped, so a CR or LF in
-    a user name cannot start a new log entry and a '"' cannot end a field.
+    Every character that is not printable (str.isprintable: controls, but
+    also U+2028, U+2029, U+0085 and the rest that some log viewers take for
+    a line break), quotes and backslashes are escaped, so a user name
+    cannot start a new log entry and a '"' cannot end a field.
     """
     if isinstance(text, bytes):
         text = text.decode("utf-8", "surrogateescape")
-    return _UNPRINTABLE.sub(lambda m: "\\%s" % m.group() if m.group() in
-                            '"\\' else "\\x%02x" % (ord(m.group()) & 0xff),
-                            text)
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text
+    return "".join(c if c.isprintable() and c not in '"\\' else _escape(c)
+                   for c in text)
 
 
 class Log:

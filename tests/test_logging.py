@@ -227,6 +227,29 @@ def test_user_name_cannot_forge_a_log_line(proxies):
     assert len(lines) == 3
 
 
+@pytest.mark.parametrize("character, escaped", [
+    ("\u2028", "\\u2028"), ("\u2029", "\\u2029"), ("\x85", "\\x85"),
+    ("\u200e", "\\u200e"), ("\U000e0001", "\\U000e0001"),
+])
+def test_unicode_line_breaks_in_a_user_name_are_escaped(
+        proxies, character, escaped):
+    """Some log viewers break lines at U+2028, U+2029 or NEL: every
+    character that is not printable is escaped, not only C0 and C1."""
+    forged = ("x%sAuth: 6.6.6.6 user=root status=ok" % character).encode()
+    proxy = proxies["IMAP4"]
+    offset = len(proxy.log())
+    with RawClient(proxy.port) as client:
+        client.readline()
+        client.send(b"a LOGIN {%d+}\r\n%s secret\r\n" % (len(forged),
+                                                         forged))
+        assert client.readline().startswith(b"a NO ")
+    lines = new_messages(proxy, offset)
+    assert lines[1].startswith(
+        'Auth: 127.0.0.1 user="x%sAuth: 6.6.6.6 user=root status=ok" '
+        'passwd="XXXXXX" server=' % escaped)
+    assert character not in proxy.log()
+
+
 def test_pop3_user_with_carriage_return(proxies):
     proxy = proxies["POP3"]
     offset = len(proxy.log())
