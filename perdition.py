@@ -29,6 +29,7 @@ import os
 import pwd
 import re
 import resource
+import select
 import signal
 import socket
 import socketserver
@@ -78,6 +79,11 @@ class LoginFailure(Exception):
 
 class ProtocolError(Exception):
     """The peer broke the protocol so badly that the connection must end."""
+
+
+class ClientGone(Exception):
+    """The client left while perdition waited for its real server: the
+    login attempt is abandoned and nothing more is sent there."""
 
 
 # ---------------------------------------------------------------------------
@@ -1197,13 +1203,16 @@ class Connection:
     the wire in the order OpenSSL made them.
     """
 
-    __slots__ = ("sock", "buffer", "tls", "_incoming", "_outgoing",
-                 "_tls_lock", "_send_lock", "_shut")
+    __slots__ = ("sock", "buffer", "tls", "watched", "_incoming",
+                 "_outgoing", "_tls_lock", "_send_lock", "_shut")
 
-    def __init__(self, sock):
+    def __init__(self, sock, watched=None):
         self.sock = sock
         self.buffer = bytearray()   # read but not yet consumed
         self.tls = None
+        # The client, while this real server's login is under way: every
+        # wait for the server also watches for the client's departure.
+        self.watched = watched
         self._shut = None           # how it was shut down, if it was
 
     def fileno(self):
@@ -1228,6 +1237,7 @@ class Connection:
                 break
             except ssl.SSLWantReadError:
                 self._send_raw(self._outgoing.read())
+                self._wait()
                 data = self.sock.recv(BUFFER_SIZE)
                 if not data:
                     raise ssl.SSLEOFError("EOF during TLS handshake")
@@ -1245,9 +1255,37 @@ class Connection:
         if data:
             self.sock.sendall(data)
 
+    def _watch(self, timeout):
+        """Poll for this socket's input and for the departure of the
+        watched client, which has gone once it has shut its side
+        (POLLRDHUP, which its pipelined input does not trigger): then no
+        one waits for this server's answer any more, ClientGone."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        gone = self.watched.sock.fileno()
+        poller.register(gone, select.POLLRDHUP)
+        events = poller.poll(timeout)
+        if any(fd == gone for fd, _ in events):
+            raise ClientGone
+        return events
+
+    def _wait(self):
+        """Wait for input as the blocking recv() that follows would, up to
+        the socket's timeout, while a client is watched."""
+        if self.watched is not None:
+            timeout = self.sock.gettimeout()
+            if not self._watch(None if timeout is None else timeout * 1000):
+                raise TimeoutError("timed out")
+
+    def check_watched(self):
+        """ClientGone now if the watched client has left."""
+        if self.watched is not None:
+            self._watch(0)
+
     def _recv(self, size):
         """Read from the socket (through TLS if on); b'' at EOF."""
         if self.tls is None:
+            self._wait()
             return self.sock.recv(size)
         while True:
             with self._tls_lock:
@@ -1258,6 +1296,7 @@ class Connection:
             if data is not None:
                 return data
             # Wait without holding a buffer: idle sessions are many.
+            self._wait()
             if not self.sock.recv(1, socket.MSG_PEEK):
                 return b""
             raw = self.sock.recv(BUFFER_SIZE)
@@ -1850,7 +1889,7 @@ class Session:
             if server is not None:
                 self.proxying = True
                 Pump(self, server).run()
-        except EOFError:
+        except (EOFError, ClientGone):
             log.debug("%s: client closed the connection" % self.client_ip)
         except ProtocolError as e:
             self.say_farewell(str(e))
@@ -1895,6 +1934,9 @@ class Session:
                 except (OSError, EOFError, ProtocolError, ssl.SSLError) as e:
                     raise LoginFailure("Server error: %s"
                                        % (e or type(e).__name__)) from None
+            except ClientGone:
+                self.log_auth("failed: client left during the login")
+                raise
             except LoginFailure as e:
                 self.log_auth("failed: %s" % e)
                 self.reply(protocol.failure(e.client_text
@@ -1916,8 +1958,10 @@ class Session:
             try:
                 if "ssl_outgoing" in self.config.ssl_mode:
                     self.handshake_outgoing(server)
-                return server, self.protocol.login(
-                    server, self.backend.user, self.backend.password)
+                line = self.protocol.login(server, self.backend.user,
+                                           self.backend.password)
+                server.watched = None       # the pump takes over
+                return server, line
             except RetryTLS:
                 server.close()
             except BaseException:
@@ -2008,7 +2052,7 @@ class Session:
         else:
             raise LoginFailure("Could not connect to %s:%s: %s"
                                % (backend.host, backend.port, error), failure)
-        return Connection(sock)
+        return Connection(sock, watched=self.client)
 
     def tls_outgoing(self):
         return "tls_outgoing" in self.config.ssl_mode
@@ -2068,6 +2112,7 @@ class Session:
         if isinstance(text, str):
             text = text.encode("utf-8", "surrogateescape")
         self.log_dialogue("to server", text, masked)
+        server.check_watched()      # credentials for no one are not sent
         server.sendall(text + b"\r\n")
 
     def check_greeting(self, greeting):

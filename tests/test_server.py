@@ -23,7 +23,7 @@ import pytest
 from dovecot import free_port
 from helpers import (PERDITION, Perdition, RawClient, TIMEOUT, imap_connect,
                      perdition_env, wait_until)
-from support import settled_usage, wait_for_usage
+from support import ScriptedBackend, settled_usage, wait_for_usage
 
 sys.path.insert(0, os.path.dirname(PERDITION))
 import perdition  # noqa: E402
@@ -503,6 +503,61 @@ def test_authentication_timeout(perdition_factory, dovecot):
         # By now the logged-in session has been idle for over 1.5 s.
         active.send(b"b NOOP\r\n")
         assert active.readline().startswith(b"b OK")
+
+
+def silent(peer):
+    """A real server that accepts and never says a word."""
+    peer.read_to_end()
+
+
+def mute_after_login(peer):
+    """A real server that greets, reads the LOGIN and never answers."""
+    peer.send(b"* OK scripted IMAP ready\r\n")
+    peer.readline()
+    peer.read_to_end()
+
+
+@pytest.mark.parametrize("protocol, script, credentials_sent", [
+    ("IMAP4", silent, False),
+    ("POP3", silent, False),
+    ("IMAP4", mute_after_login, True),
+])
+def test_a_client_leaving_during_the_login_is_not_waited_for(
+        perdition_factory, protocol, script, credentials_sent):
+    """LOGIN-and-close clients against a real server that is slow to
+    greet (or to answer the LOGIN): perdition notices each client's
+    departure at once, sends no credentials that no one waits for, and
+    keeps no thread or descriptor -- long before the 1800 s of
+    --authentication_timeout."""
+    clients = 40
+    with ScriptedBackend(script) as backend:
+        proxy = perdition_factory([], protocol, backend.port)
+        before = settled_usage(proxy)
+        login = b"a LOGIN alice alicepw\r\n" if protocol == "IMAP4" \
+            else b"USER alice\r\nPASS alicepw\r\n"
+
+        def leave(n):
+            with RawClient(proxy.port) as client:
+                client.readline()
+                client.send(login)
+                if protocol == "POP3":
+                    assert client.readline().startswith(b"+OK")
+                if credentials_sent:    # gone once the server has it
+                    wait_until(lambda: backend.received().count(b"LOGIN")
+                               > n, what="the LOGIN of client %d" % n)
+
+        if credentials_sent:
+            for n in range(clients):
+                leave(n)
+        else:
+            with ThreadPoolExecutor(20) as pool:
+                list(pool.map(leave, range(clients)))
+        backend.join(clients)
+        wait_for_usage(proxy, before)
+        proxy.wait_for_log("status=failed: client left during the login",
+                           count=clients)
+        if not credentials_sent:
+            assert backend.received() == b""
 
 
 # ---------------------------------------------------------------------------
