@@ -9,6 +9,7 @@ import imaplib
 import itertools
 import os
 import poplib
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import time
 from dovecot import free_port
 
 __all__ = ["PERDITION", "Perdition", "run_perdition", "perdition_env",
+           "readable_copy",
            "wait_until", "imap_connect",
            "pop3_connect", "RawClient", "TIMEOUT"]
 
@@ -43,6 +45,21 @@ def perdition_env(tmpdir):
         os.makedirs(path, exist_ok=True)
         env[name] = path
     return env
+
+
+def readable_copy(directory):
+    """perdition.py and perdition_maps.py copied into *directory* (made if
+    need be), readable by every user; returns the copy of perdition.py.
+
+    For a test that starts perdition as another user: the checkout may lie
+    where only root may enter (a mktemp -d folder, /root).  The caller
+    makes *directory* reachable for that user."""
+    os.makedirs(directory, exist_ok=True)
+    for name in ("perdition.py", "perdition_maps.py"):
+        copy = os.path.join(directory, name)
+        shutil.copy(os.path.join(os.path.dirname(PERDITION), name), copy)
+        os.chmod(copy, 0o644)
+    return os.path.join(directory, "perdition.py")
 
 
 def _read(path):

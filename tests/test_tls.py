@@ -37,7 +37,8 @@ import pytest
 
 from dovecot import Dovecot, free_port
 from helpers import (PERDITION, Perdition, RawClient, TIMEOUT, imap_connect,
-                     perdition_env, pop3_connect, run_perdition)
+                     perdition_env, pop3_connect, readable_copy,
+                     run_perdition)
 from support import ScriptedBackend, wait_for_eof
 
 sys.path.insert(0, os.path.dirname(PERDITION))
@@ -1425,11 +1426,13 @@ def test_unreadable_key_stops_start_up(tmp_path, pki):
     key = tmp_path / "private.key"
     shutil.copy(pki.key("listen"), key)
     os.chmod(key, 0o600)
+    code = readable_copy(str(tmp_path / "code"))
     share(str(tmp_path / "env"))        # reachable, but the key not readable
+    share(os.path.dirname(code))
     os.chmod(tmp_path, 0o711)
     python = shutil.which("python3", path="/usr/bin:/bin")
     result = subprocess.run(
-        [python, PERDITION, "-P", "IMAP4", "--no_daemon", "-F", "+", "-b",
+        [python, code, "-P", "IMAP4", "--no_daemon", "-F", "+", "-b",
          "127.0.0.1", "-l", str(free_port()), "-M", "", "--ssl_mode",
          "ssl_listen", "--ssl_cert_file", pki.cert("listen"),
          "--ssl_key_file", str(key)],
