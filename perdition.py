@@ -90,7 +90,6 @@ class ClientGone(Exception):
 # Options and configuration
 # ---------------------------------------------------------------------------
 
-PROTOCOLS = ("POP3", "POP3S", "IMAP4", "IMAP4S")
 STATES = ("servername_lookup", "local_authentication", "remote_login")
 LOG_PASSWD_STATES = ("never", "fail", "ok", "always")
 SSL_MODES = {
@@ -110,15 +109,6 @@ SYSLOG_FACILITIES = ("auth", "authpriv", "cron", "daemon", "ftp", "kern",
                      "lpr", "mail", "news", "syslog", "user", "uucp",
                      "local0", "local1", "local2", "local3", "local4",
                      "local5", "local6", "local7")
-# Per protocol: listen/outgoing port and capability defaults.
-PROTOCOL_DEFAULTS = {
-    "POP3": (110, "UIDL  USER"),
-    "POP3S": (995, "UIDL  USER"),
-    "IMAP4": (143, "IMAP4 IMAP4REV1"),
-    "IMAP4S": (993, "IMAP4 IMAP4REV1"),
-}
-PROGRAM_PROTOCOLS = {"pop3": "POP3", "pop3s": "POP3S", "imap4": "IMAP4",
-                     "imap4s": "IMAP4S", "imaps": "IMAP4S"}
 
 HOSTNAME_RE = re.compile(
     r"(?=.{1,253}\Z)(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
@@ -237,6 +227,7 @@ def parse_choice(choices):
 
 
 def parse_protocol(value):
+    """A -P value from the registry of protocols (see register())."""
     if value.upper() not in PROTOCOLS:
         raise OptionError("unknown protocol %r (available: %s)"
                           % (value, ", ".join(PROTOCOLS)))
@@ -281,13 +272,19 @@ def parse_query_key(value):
 
 
 class Option:
-    """One row of the option table: everything about one option."""
+    """One row of the option table: everything about one option.  A help
+    text may be a function, for texts made from the registry of protocols
+    (which is filled further down)."""
 
     def __init__(self, short, long, arg, default, help, parse=str,
                  aliases=()):
         self.short, self.long, self.arg = short, long, arg
-        self.default, self.help, self.parse = default, help, parse
+        self.default, self._help, self.parse = default, help, parse
         self.aliases = aliases
+
+    @property
+    def help(self):
+        return self._help() if callable(self._help) else self._help
 
     @property
     def names(self):
@@ -341,16 +338,20 @@ OPTIONS = [
     Option("g", "group", "GROUP", "nobody", "Group to run as."),
     Option("h", "help", None, "", "Display this message.", FLAG),
     Option("I", "capability", "STRING", None,
-           "Capabilities: POP3 ones separated by two spaces (default "
-           "\"UIDL  USER\"), IMAP4 ones by a space (default "
-           "\"IMAP4 IMAP4REV1\").", parse_wire_text,
+           lambda: "Capabilities: %s." % ", ".join(
+               '%s ones separated by %s (default "%s")'
+               % (cls.names[0].name, cls.separator_name,
+                  cls.default_capability) for cls in protocol_classes()),
+           parse_wire_text,
            aliases=("pop_capability", "imap_capability")),
     Option("i", "inetd_mode", None, "", "Run in inetd mode.", FLAG),
     Option("L", "connection_limit", "LIMIT", "0",
            "Maximum simultaneous connections; 0 for no limit.", parse_count),
     Option("l", "listen_port", "PORT_NUMBER|PORT_NAME", None,
-           "Port to listen on (default 110, 995, 143 and 993 for POP3, "
-           "POP3S, IMAP4 and IMAP4S).", parse_port),
+           lambda: "Port to listen on (default %s for %s)." % (
+               or_list((str(e.port) for e in PROTOCOLS.values()), "and"),
+               or_list(PROTOCOLS, "and")),
+           parse_port),
     Option(None, "login_disabled", None, "",
            "Do not allow users to log in; adds LOGINDISABLED in IMAP4.",
            FLAG),
@@ -378,7 +379,7 @@ OPTIONS = [
            "Send the real server's response line to the client instead of "
            "the OK line.", FLAG, aliases=("server_ok_line",)),
     Option("P", "protocol", "PROTOCOL", "POP3",
-           "Protocol: POP3, POP3S, IMAP4 or IMAP4S.", parse_protocol),
+           lambda: "Protocol: %s." % or_list(PROTOCOLS), parse_protocol),
     Option("p", "outgoing_port", "PORT", None,
            "Default real-server port (defaults as --listen_port).",
            parse_port),
@@ -403,10 +404,9 @@ OPTIONS = [
            "Popmap keys to try in order; escapes \\U \\u \\D \\d \\i \\I "
            "\\p \\P \\\\ (default \\U).", parse_query_key),
     Option(None, "ssl_mode", "MODE", None,
-           "Comma list of none, ssl_listen, ssl_outgoing, ssl_all, "
-           "tls_listen, tls_outgoing, tls_all, tls_listen_force, "
-           "tls_outgoing_force, tls_all_force (default none; POP3S and "
-           "IMAP4S: ssl_all).",
+           lambda: "Comma list of %s (default none; %s: ssl_all)." % (
+               ", ".join(SSL_MODES), or_list(
+                   (e.name for e in PROTOCOLS.values() if e.ssl), "and")),
            parse_ssl_mode),
     Option(None, "ssl_ca_chain_file", "FILENAME", "",
            "CA certificates that complete the chain of --ssl_cert_file; "
@@ -602,8 +602,8 @@ class Config:
         self.given = set(given)
         if self.help:
             return
-        protocol = given.get("protocol") or PROGRAM_PROTOCOLS.get(
-            self.basename.partition(".")[2].lower(), "POP3")
+        protocol = given.get("protocol") or protocol_for_program(
+            self.basename.partition(".")[2])
         self.protocol = protocol
         self.config_file = self.find_config_file(given.get("config_file"))
         if self.config_file:
@@ -665,16 +665,16 @@ class Config:
 
     def derive(self):
         """Fill in what depends on other options; check combinations."""
-        port, capability = PROTOCOL_DEFAULTS[self.protocol]
+        entry = PROTOCOLS[self.protocol]
         if self.listen_port is None:
-            self.listen_port = port
+            self.listen_port = entry.port
         if self.outgoing_port is None:
-            self.outgoing_port = port
+            self.outgoing_port = entry.port
         if self.capability is None:
-            self.capability = capability
+            self.capability = entry.protocol_class.default_capability
         if self.ssl_mode is None:
-            self.ssl_mode = frozenset(SSL_MODES["ssl_all"]
-                                      if self.protocol.endswith("S") else ())
+            self.ssl_mode = frozenset(SSL_MODES["ssl_all"] if entry.ssl
+                                      else ())
         if self.pid_file is None:
             self.pid_file = os.path.join(VAR_STATE_DIR, self.basename,
                                          self.basename + ".pid")
@@ -685,7 +685,6 @@ class Config:
         if self.authenticate_in:
             raise OptionError("option -a, --authenticate_in: local (PAM) "
                               "authentication is not available yet")
-        self.is_imap = self.protocol.startswith("IMAP")
         self.daemon = not (self.no_daemon or self.inetd_mode
                            or self.log_facility in ("-", "+"))
 
@@ -1114,12 +1113,6 @@ def make_outgoing_context(config, trust=None):
     return context
 
 
-class RetryTLS(Exception):
-    """The login must be tried again on a new connection: a self-signed
-    certificate the options accept has been seen (and is learned on a probe
-    connection that sends no credentials) or has just been learned."""
-
-
 class OutgoingTLS:
     """TLS towards real servers: the context, and what OpenSSL's own
     verification leaves to us.
@@ -1448,38 +1441,231 @@ class Connection:
 
 
 # ---------------------------------------------------------------------------
-# The two protocols
+# The protocols
 # ---------------------------------------------------------------------------
 
+MAX_BAD_COMMANDS = 20   # errors before login, then the client is let go
+MAX_COMMAND = 65536     # one command with all its literals before login
+QUIT = "quit"           # a command handler's answer: the client leaves
+
+
 class BadCommand(Exception):
-    """A command the client may correct: answered with -ERR or BAD.
-
-    `unread` is the IMAP line read last, when the command was refused after
-    its first line: a literal it announces is still to be skipped."""
-
-    unread = None
+    """A command the client may correct: answered with -ERR or BAD."""
 
 
 def has_controls(text):
     return any(ord(c) < 0x20 or ord(c) == 0x7f for c in text)
 
 
-class POP3:
-    """RFC 1939 (with RFC 2449 CAPA and RFC 2595 STLS) up to the login.
+def or_list(words, conjunction="or"):
+    """['a', 'b', 'c'] -> 'a, b or c', for messages and help texts."""
+    words = list(words)
+    return (" %s " % conjunction).join(filter(None, (", ".join(words[:-1]),
+                                                     words[-1])))
 
-    Each protocol class has the same shape: greeting(), read_credentials()
-    (the command loop before login), login() on the real server, and the
-    responses the session sends for success, failure and farewell.
+
+class Credentials:
+    """What a client logs in with: USER/PASS, LOGIN or SASL PLAIN.
+    `authzid` is a SASL authorisation identity other than the user."""
+
+    __slots__ = ("user", "password", "authzid")
+
+    def __init__(self, user, password, authzid=""):
+        self.user, self.password, self.authzid = user, password, authzid
+
+
+class Command:
+    """One row of a protocol's command table, as aiosmtpd and imaplib keep
+    theirs: the method that handles the verb, and where it is allowed.
+
+    `before_tls`: on a plaintext connection on which TLS is still on offer;
+    `after_tls`: once TLS is on, or where none is on offer;
+    `login_disabled`: while logging in is not allowed (--login_disabled,
+    or tls_listen_force before TLS);
+    `credentials`: its arguments carry a password, masked in the log.
     """
 
-    name = "POP3"
-    map_name = "pop3"
-    start_tls_command = "STLS"
-    __slots__ = ("session", "config")
+    __slots__ = ("verb", "handler", "before_tls", "after_tls",
+                 "login_disabled", "credentials")
+
+    def __init__(self, verb, handler, before_tls=True, after_tls=True,
+                 login_disabled=True, credentials=False):
+        self.verb, self.handler = verb, handler
+        self.before_tls, self.after_tls = before_tls, after_tls
+        self.login_disabled, self.credentials = login_disabled, credentials
+
+
+def command_table(*commands):
+    return {command.verb: command for command in commands}
+
+
+class ProtocolName:
+    """One -P value: its protocol class, default port, whether TLS starts
+    at once (then ssl_mode defaults to ssl_all) and the program-name
+    suffixes that choose it (perdition.imaps ...)."""
+
+    def __init__(self, name, port, ssl, programs):
+        self.name, self.port, self.ssl = name, port, ssl
+        self.programs = programs
+        self.protocol_class = None
+
+
+PROTOCOLS = {}          # -P value -> ProtocolName, in registration order
+
+
+def register(cls):
+    """Add a protocol class and its names to the registry that --help, the
+    option defaults, the man page and the sample configuration read."""
+    for entry in cls.names:
+        entry.protocol_class = cls
+        PROTOCOLS[entry.name] = entry
+    return cls
+
+
+def protocol_classes():
+    """The registered protocol classes, each once, in order."""
+    return list(dict.fromkeys(e.protocol_class for e in PROTOCOLS.values()))
+
+
+def protocol_for_program(suffix):
+    """The -P value a program name such as perdition.imap4s chooses."""
+    return next((entry.name for entry in PROTOCOLS.values()
+                 if suffix.lower() in entry.programs), "POP3")
+
+
+class Protocol:
+    """What every protocol shares: the command loop before login, which
+    applies every gate in one place, and the rule that keeps passwords out
+    of the dialogue log.  A protocol class declares its names, defaults and
+    `commands` table, parses a command line into (verb, arguments), and
+    supplies the parts of the back-end login the session drives:
+    server_greeting, server_capabilities, server_start_tls, server_login.
+    """
+
+    names = ()                  # ProtocolName rows, for the registry
+    map_name = ""               # the protocol as the popmap is told it
+    default_capability = ""
+    capability_separator = " "
+    separator_name = "a space"  # for the help text
+    start_tls_command = ""
+    commands = {}
+    verb_word = 0               # which word of a command line is the verb
+    __slots__ = ("session", "config", "errors")
 
     def __init__(self, session):
         self.session = session
         self.config = session.config
+        self.errors = 0
+
+    def serve(self):
+        """The command loop before login: read a command, look it up, apply
+        every gate, dispatch.  Returns the Credentials to try, or None when
+        the client leaves."""
+        session = self.session
+        while True:
+            line = session.read_client_bytes()
+            session.log_dialogue("client", line)
+            request = self.request(line)
+            try:
+                verb, arguments = self.parse(request)
+                command = self.commands.get(verb)
+                self.check(verb, command)
+                outcome = getattr(self, command.handler)(arguments)
+            except BadCommand as e:
+                self.refuse(request, e)
+                continue
+            if outcome is QUIT:
+                return None
+            if outcome is not None:
+                return outcome
+
+    def check(self, verb, command):
+        """The gates: an unknown command, one not allowed with or without
+        TLS, a login while logging in is not allowed."""
+        if command is None:
+            raise BadCommand("Unknown command, expected %s"
+                             % or_list(c.verb for c in self.commands.values()
+                                       if self.allowed(c)))
+        if not self.in_tls_state(command):
+            raise BadCommand("%s not available" % verb)
+        if not command.login_disabled:
+            refusal = self.session.login_refusal()
+            if refusal:
+                raise BadCommand(refusal)
+
+    def in_tls_state(self, command):
+        return command.before_tls if self.session.tls_offered() \
+            else command.after_tls
+
+    def allowed(self, command):
+        return self.in_tls_state(command) and (
+            command.login_disabled or not self.session.login_refusal())
+
+    def refuse(self, request, error):
+        """Answer a refused command; after MAX_BAD_COMMANDS the client is
+        no longer listened to."""
+        self.errors += 1
+        self.discard(request)
+        self.session.reply(self.error(str(error)))
+        if self.errors >= MAX_BAD_COMMANDS:
+            raise ProtocolError("Too many errors")
+
+    def discard(self, request):
+        """Read and drop what is left of a refused command."""
+
+    def redact(self, line, continuation=False):
+        """The one rule for secrets in the dialogue log, in both directions
+        and on both sides: a line that continues an authentication exchange
+        is masked whole; a command whose verb carries credentials (the
+        command table says which) keeps only the words up to its verb.
+        Words are split at any white space and verbs are matched in any case
+        and in any of the first words, so that a malformed line (doubled
+        spaces, a tab, a missing tag) hides its password too."""
+        if continuation:
+            return "+ XXXXXX" if line.startswith("+") else "XXXXXX"
+        words = line.split(None, self.verb_word + 1)
+        for n, word in enumerate(words[:self.verb_word + 1]):
+            command = self.commands.get(word.upper())
+            if command is not None and command.credentials:
+                return " ".join(words[:n + 1] + ["XXXXXX"] *
+                                (len(words) > n + 1))
+        return line
+
+    def capabilities(self):
+        """The capability option, less what perdition adds, plus what it
+        offers now."""
+        added = self.added_capabilities()
+        words = [c for c in self.config.capability.split(
+            self.capability_separator) if c and c.upper() not in added]
+        return words + [c for c in added if added[c]]
+
+    def plain_login_allowed(self):
+        return not self.session.login_refusal()
+
+
+@register
+class POP3(Protocol):
+    """RFC 1939 (with RFC 2449 CAPA and RFC 2595 STLS) up to the login."""
+
+    names = (ProtocolName("POP3", 110, False, ("pop3",)),
+             ProtocolName("POP3S", 995, True, ("pop3s",)))
+    map_name = "pop3"
+    default_capability = "UIDL  USER"
+    capability_separator = "  "
+    separator_name = "two spaces"
+    start_tls_command = "STLS"
+    commands = command_table(
+        Command("USER", "do_user", login_disabled=False),
+        Command("PASS", "do_pass", login_disabled=False, credentials=True),
+        Command("CAPA", "do_capa"),
+        Command("NOOP", "do_noop"),
+        Command("STLS", "do_stls", after_tls=False),
+        Command("QUIT", "do_quit"))
+    __slots__ = ("user",)
+
+    def __init__(self, session):
+        super().__init__(session)
+        self.user = None
 
     # -- towards the client ------------------------------------------------
 
@@ -1487,60 +1673,49 @@ class POP3:
     def greeting(hostname):
         return "+OK POP3 Ready %s" % hostname
 
-    def capabilities(self):
-        caps = [c for c in self.config.capability.split("  ")
-                if c and c.upper() != "STLS"]
-        if self.session.tls_offered():
-            caps.append("STLS")
-        return caps
+    def added_capabilities(self):
+        return {"STLS": self.session.tls_offered()}
 
-    def read_credentials(self):
-        """The command loop before login: returns (user, password), or None
-        when the client quits."""
-        session = self.session
-        user = None
-        while True:
-            line = session.read_client_line()
-            command, _, argument = line.partition(" ")
-            command = command.upper()
-            session.log_dialogue("client", line, "PASS XXXXXX"
-                                 if command == "PASS" else None)
-            try:
-                if "\0" in line:
-                    raise BadCommand("Invalid character in command")
-                if command == "QUIT":
-                    session.reply("+OK Bye")
-                    return None
-                if command == "NOOP":
-                    session.reply("+OK")
-                elif command == "CAPA":
-                    session.reply("+OK Capability list follows\r\n"
-                                  + "".join(c + "\r\n" for c in
-                                            self.capabilities()) + ".")
-                elif command == "STLS":
-                    if not session.tls_offered():
-                        raise BadCommand("STLS not available")
-                    session.reply("+OK Begin TLS negotiation")
-                    session.start_tls_listen()
-                    user = None
-                elif command in ("USER", "PASS"):
-                    session.check_login_allowed()
-                    if not argument:
-                        raise BadCommand("%s needs an argument" % command)
-                    if command == "USER":
-                        user = argument
-                        session.reply("+OK USER %s set" % log_text(user))
-                    elif user is None:
-                        raise BadCommand("USER must come before PASS")
-                    else:
-                        return user, argument
-                else:
-                    raise BadCommand("Unknown command, expected USER, PASS, "
-                                     "CAPA, NOOP%s or QUIT" % (
-                                         ", STLS" if session.tls_offered()
-                                         else ""))
-            except BadCommand as e:
-                session.reply("-ERR %s" % e)
+    def request(self, line):
+        return line.decode("utf-8", "surrogateescape")
+
+    def parse(self, line):
+        if "\0" in line:
+            raise BadCommand("Invalid character in command")
+        verb, _, argument = line.partition(" ")
+        return verb.upper(), argument
+
+    def error(self, text):
+        return "-ERR %s" % text
+
+    def do_user(self, argument):
+        if not argument:
+            raise BadCommand("USER needs an argument")
+        self.user = argument
+        self.session.reply("+OK USER %s set" % log_text(argument))
+
+    def do_pass(self, argument):
+        if not argument:
+            raise BadCommand("PASS needs an argument")
+        if self.user is None:
+            raise BadCommand("USER must come before PASS")
+        return Credentials(self.user, argument)
+
+    def do_capa(self, argument):
+        self.session.reply("+OK Capability list follows\r\n" + "".join(
+            c + "\r\n" for c in self.capabilities()) + ".")
+
+    def do_noop(self, argument):
+        self.session.reply("+OK")
+
+    def do_stls(self, argument):
+        self.session.reply("+OK Begin TLS negotiation")
+        self.session.start_tls_listen()
+        self.user = None
+
+    def do_quit(self, argument):
+        self.session.reply("+OK Bye")
+        return QUIT
 
     def ok(self, server_line):
         if self.config.server_resp_line:
@@ -1562,174 +1737,101 @@ class POP3:
             raise LoginFailure("%s: %s" % (what, line))
         return line
 
-    def command(self, server, text, masked=None):
-        self.session.send_server(server, text, masked)
+    def command(self, server, text):
+        self.session.send_server(server, text)
         return self.expect_ok(server, text.split(" ")[0])
 
-    def login(self, server, user, password):
-        """Log in on the real server; returns its final +OK line."""
+    def server_greeting(self, server):
+        """Read the greeting; POP3 greets without capabilities (None)."""
+        self.session.check_greeting(self.expect_ok(server, "Greeting"))
+        return None
+
+    def server_capabilities(self, server):
         session = self.session
-        if has_controls(user) or has_controls(password):
+        session.send_server(server, "CAPA")
+        if not session.read_server_line(server).startswith("+OK"):
+            return frozenset()
+        return frozenset(line.upper() for line in
+                         session.read_server_lines(server))
+
+    def server_start_tls(self, server):
+        self.command(server, "STLS")
+
+    def server_login(self, server, capabilities, backend, credentials):
+        """Log in on the real server; returns its final +OK line."""
+        if has_controls(backend.user) or has_controls(backend.password):
             raise LoginFailure("Control character in user name or password",
                                "Invalid user name or password")
-        session.check_greeting(self.expect_ok(server, "Greeting"))
-        if session.tls_outgoing():
-            session.send_server(server, "CAPA")
-            capable = False
-            if session.read_server_line(server).startswith("+OK"):
-                capable = "STLS" in (c.upper() for c in
-                                     session.read_server_lines(server))
-            if session.start_tls_outgoing(server, capable):
-                self.command(server, "STLS")
-                session.handshake_outgoing(server)
-        self.command(server, "USER %s" % user)
-        return self.command(server, "PASS %s" % password, "PASS XXXXXX")
+        self.command(server, "USER %s" % backend.user)
+        return self.command(server, "PASS %s" % backend.password)
 
 
 # RFC 3501 tag: ASTRING-CHAR but '+', i.e. no CTL, SP, ( ) { % * " \ ] +
 IMAP_TAG_RE = re.compile(
     rb'[\x21\x23\x24\x26\x27\x2c-\x5b\x5e-\x7a\x7c-\x7e]+\Z')
-IMAP_ATOM_RE = re.compile(rb'[^\x00-\x20(){%*"\\\x7f]+')
+# An unquoted argument, as Dovecot and the C perdition accept it: anything
+# but CTL, SP and ( ) { " \ -- so '%', '*' and ']' too.
+IMAP_ASTRING_RE = re.compile(rb'[^\x00-\x20(){"\\\x7f]+')
 IMAP_LITERAL_RE = re.compile(rb'\{(\d{1,10})(\+?)\}\Z')
-NO_ARGUMENTS = (b"CAPABILITY", b"NOOP", b"LOGOUT", b"STARTTLS")
 IMAP_QUOTABLE_RE = re.compile(rb'[\x20-\x7e]*\Z')
 
 
-class IMAP4:
-    """RFC 3501 (with RFC 2088 LITERAL+ and RFC 2595 STARTTLS) up to LOGIN.
+class IMAPReader:
+    """The IMAP string grammar over one command from the client: atoms,
+    quoted strings, synchronising and non-synchronising (RFC 2088) literals,
+    read in order as the arguments are asked for.  IMAP and ManageSieve
+    share it.  `line` is the line read last, `rest` its part not yet parsed;
+    a literal is read with the line that follows it.  A whole command,
+    literals and all, is at most MAX_COMMAND bytes."""
 
-    The same shape as POP3.  Tags are checked against RFC 3501's grammar
-    before anything is echoed: a bad tag gets an untagged BAD.
-    """
+    __slots__ = ("session", "line", "rest", "size")
 
-    name = "IMAP4"
-    map_name = "imap"
-    start_tls_command = "STARTTLS"
-    __slots__ = ("session", "config", "tag", "server_tag")
-
-    def __init__(self, session):
+    def __init__(self, session, line):
         self.session = session
-        self.config = session.config
-        self.tag = b"*"
-        self.server_tag = 0
+        self.line = self.rest = line
+        self.size = len(line)
 
-    # -- towards the client ------------------------------------------------
+    def at_end(self):
+        return not self.rest
 
-    @staticmethod
-    def greeting(hostname):
-        return "* OK IMAP4 Ready %s" % hostname
+    def end(self):
+        if self.rest:
+            raise BadCommand("Too many arguments")
 
-    def capabilities(self):
-        session = self.session
-        caps = [c for c in self.config.capability.split(" ") if c and
-                c.upper() not in ("STARTTLS", "LOGINDISABLED")]
-        if session.tls_offered():
-            caps.append("STARTTLS")
-        if self.config.login_disabled or session.tls_required():
-            caps.append("LOGINDISABLED")
-        return caps
+    def space(self):
+        if not self.rest.startswith(b" "):
+            raise BadCommand("Missing argument")
+        self.rest = self.rest[1:]
 
-    def tagged(self, text):
-        return self.tag.decode("ascii") + " " + text
+    def atom(self, pattern=IMAP_ASTRING_RE):
+        match = pattern.match(self.rest)
+        if not match:
+            raise BadCommand("Invalid argument")
+        self.rest = self.rest[match.end():]
+        return match.group()
 
-    def read_credentials(self):
-        session = self.session
-        while True:
-            line = session.read_client_bytes()
-            self.tag = b"*"
-            tag, _, rest = line.partition(b" ")
-            command, arguments, _ = rest.partition(b" ")
-            command = command.upper()
-            session.log_dialogue("client", line, tag + b" LOGIN XXXXXX"
-                                 if command == b"LOGIN" else None)
-            try:
-                if not IMAP_TAG_RE.match(tag):
-                    raise BadCommand("Invalid tag" if tag else "Null command")
-                self.tag = tag
-                if b"\0" in line:
-                    raise BadCommand("Invalid character in command")
-                if arguments and command in NO_ARGUMENTS:
-                    raise BadCommand("%s takes no arguments"
-                                     % command.decode())
-                if command == b"CAPABILITY":
-                    session.reply("* CAPABILITY " + " ".join(
-                        self.capabilities()) + "\r\n" +
-                        self.tagged("OK CAPABILITY completed"))
-                elif command == b"NOOP":
-                    session.reply(self.tagged("OK NOOP completed"))
-                elif command == b"LOGOUT":
-                    session.reply("* BYE IMAP4 Ready logging out\r\n"
-                                  + self.tagged("OK LOGOUT completed"))
-                    return None
-                elif command == b"STARTTLS":
-                    if not session.tls_offered():
-                        raise BadCommand("STARTTLS not available")
-                    session.reply(self.tagged("OK Begin TLS negotiation "
-                                              "now"))
-                    session.start_tls_listen()
-                elif command == b"AUTHENTICATE":
-                    self.skip_literal(line)
-                    session.reply(self.tagged("NO AUTHENTICATE mechanism "
-                                              "not supported, use LOGIN"))
-                elif command == b"LOGIN":
-                    # Refused before a '+' asks for a password literal.
-                    session.check_login_allowed()
-                    user, password = self.parse_arguments(rest[5:], 2)
-                    return user, password
-                elif not command:
-                    raise BadCommand("Missing command")
-                else:
-                    raise BadCommand("Unknown command, expected CAPABILITY, "
-                                     "NOOP, LOGIN%s or LOGOUT" % (
-                                         ", STARTTLS" if session.tls_offered()
-                                         else ""))
-            except BadCommand as e:
-                self.skip_literal(line if e.unread is None else e.unread)
-                session.reply(self.tagged("BAD %s" % e))
+    def astring(self):
+        """An atom, a quoted string or a literal, after its space."""
+        self.space()
+        if self.rest.startswith(b'"') or IMAP_LITERAL_RE.match(self.rest):
+            return self.string()
+        return self.atom()
 
-    def skip_literal(self, line):
-        """A rejected command's non-synchronising literal is read and
-        dropped, so that its bytes are not taken for commands."""
-        match = IMAP_LITERAL_RE.search(line)
-        if match and match.group(2):
-            size = int(match.group(1))
-            if size > MAX_LITERAL:
-                raise ProtocolError("Literal too long")
-            self.session.client.read_exact(size)
-            self.skip_literal(self.session.read_client_bytes())
+    def string(self):
+        """A quoted string or a literal."""
+        if self.rest.startswith(b'"'):
+            return self.quoted()
+        if IMAP_LITERAL_RE.match(self.rest):
+            return self.literal()
+        raise BadCommand("Invalid argument")
 
-    def parse_arguments(self, rest, count):
-        """`count` astrings (atoms, quoted strings or literals) -> [str]."""
-        values = []
-        try:
-            while len(values) < count:
-                if not rest.startswith(b" "):
-                    raise BadCommand("Missing argument")
-                rest = rest[1:]
-                if rest.startswith(b'"'):
-                    value, rest = self.parse_quoted(rest)
-                elif IMAP_LITERAL_RE.match(rest):
-                    value, rest = self.read_literal(rest)
-                else:
-                    match = IMAP_ATOM_RE.match(rest)
-                    if not match:
-                        raise BadCommand("Invalid argument")
-                    value, rest = match.group(), rest[match.end():]
-                values.append(value.decode("utf-8", "surrogateescape"))
-            if rest:
-                raise BadCommand("Too many arguments")
-        except BadCommand as e:
-            e.unread = rest
-            raise
-        return values
-
-    @staticmethod
-    def parse_quoted(rest):
-        value, i = bytearray(), 1
+    def quoted(self):
+        rest, value, i = self.rest, bytearray(), 1
         while i < len(rest):
             c = rest[i]
             if c == 0x22:
-                return bytes(value), rest[i + 1:]
+                self.rest = rest[i + 1:]
+                return bytes(value)
             if c == 0x5c:
                 i += 1
                 if i >= len(rest) or rest[i] not in b'"\\':
@@ -1739,18 +1841,139 @@ class IMAP4:
             i += 1
         raise BadCommand("Unterminated quoted string")
 
-    def read_literal(self, rest):
-        match = IMAP_LITERAL_RE.match(rest)
+    def literal(self):
+        match = IMAP_LITERAL_RE.match(self.rest)
         size, synchronising = int(match.group(1)), not match.group(2)
-        session = self.session
         if size > MAX_LITERAL:
             if synchronising:
                 raise BadCommand("Literal too long")
             raise ProtocolError("Literal too long")
         if synchronising:
-            session.reply("+ Ready for argument")
-        value = session.client.read_exact(size)
-        return value, session.read_client_bytes()
+            self.session.reply("+ Ready for argument")
+        value = self.session.client.read_exact(size)
+        self.next_line(size)
+        if b"\0" in value:      # RFC 3501: no NUL in a literal
+            raise BadCommand("Invalid character in literal")
+        return value
+
+    def next_line(self, literal_size):
+        self.size += literal_size
+        if self.size > MAX_COMMAND:
+            raise ProtocolError("Command too long")
+        self.line = self.rest = self.session.read_client_bytes()
+        self.size += len(self.line)
+
+    def skip(self):
+        """Drop the rest of a refused command: each non-synchronising
+        literal it still announces and the line after it, in a loop bounded
+        by MAX_COMMAND.  (A synchronising one the client sends only when
+        told to.)"""
+        while True:
+            match = IMAP_LITERAL_RE.search(self.line)
+            if not match or not match.group(2):
+                return
+            size = int(match.group(1))
+            if size > MAX_LITERAL:
+                raise ProtocolError("Literal too long")
+            self.session.client.read_exact(size)
+            self.next_line(size)
+
+
+@register
+class IMAP4(Protocol):
+    """RFC 3501 (with RFC 2088 LITERAL+ and RFC 2595 STARTTLS) up to LOGIN.
+
+    Tags are checked against RFC 3501's grammar before anything is echoed:
+    a bad tag gets an untagged BAD.
+    """
+
+    names = (ProtocolName("IMAP4", 143, False, ("imap4",)),
+             ProtocolName("IMAP4S", 993, True, ("imap4s", "imaps")))
+    map_name = "imap"
+    default_capability = "IMAP4 IMAP4REV1"
+    start_tls_command = "STARTTLS"
+    commands = command_table(
+        Command("CAPABILITY", "do_capability"),
+        Command("NOOP", "do_noop"),
+        Command("LOGIN", "do_login", login_disabled=False, credentials=True),
+        Command("AUTHENTICATE", "do_authenticate", login_disabled=False,
+                credentials=True),
+        Command("STARTTLS", "do_starttls", after_tls=False),
+        Command("LOGOUT", "do_logout"))
+    verb_word = 1
+    __slots__ = ("tag", "server_tag")
+
+    def __init__(self, session):
+        super().__init__(session)
+        self.tag = b"*"
+        self.server_tag = 0
+
+    # -- towards the client ------------------------------------------------
+
+    @staticmethod
+    def greeting(hostname):
+        return "* OK IMAP4 Ready %s" % hostname
+
+    def added_capabilities(self):
+        session = self.session
+        return {"STARTTLS": session.tls_offered(),
+                "LOGINDISABLED": not self.plain_login_allowed()}
+
+    def tagged(self, text):
+        return self.tag.decode("ascii") + " " + text
+
+    def request(self, line):
+        return IMAPReader(self.session, line)
+
+    def parse(self, reader):
+        self.tag = b"*"
+        tag, _, rest = reader.line.partition(b" ")
+        if not IMAP_TAG_RE.match(tag):
+            raise BadCommand("Invalid tag" if tag else "Null command")
+        self.tag = tag
+        if b"\0" in reader.line:
+            raise BadCommand("Invalid character in command")
+        verb = rest.partition(b" ")[0]
+        reader.rest = rest[len(verb):]
+        return verb.upper().decode("latin-1"), reader
+
+    def discard(self, reader):
+        reader.skip()
+
+    def error(self, text):
+        return self.tagged("BAD %s" % text)
+
+    def do_capability(self, arguments):
+        arguments.end()
+        self.session.reply("* CAPABILITY " + " ".join(self.capabilities())
+                           + "\r\n" + self.tagged("OK CAPABILITY completed"))
+
+    def do_noop(self, arguments):
+        arguments.end()
+        self.session.reply(self.tagged("OK NOOP completed"))
+
+    def do_logout(self, arguments):
+        arguments.end()
+        self.session.reply("* BYE IMAP4 Ready logging out\r\n"
+                           + self.tagged("OK LOGOUT completed"))
+        return QUIT
+
+    def do_starttls(self, arguments):
+        arguments.end()
+        self.session.reply(self.tagged("OK Begin TLS negotiation now"))
+        self.session.start_tls_listen()
+
+    def do_authenticate(self, arguments):
+        arguments.skip()
+        self.session.reply(self.tagged("NO AUTHENTICATE mechanism not "
+                                       "supported, use LOGIN"))
+
+    def do_login(self, arguments):
+        user = arguments.astring()
+        password = arguments.astring()
+        arguments.end()
+        return Credentials(*(value.decode("utf-8", "surrogateescape")
+                             for value in (user, password)))
 
     def ok(self, server_line):
         if self.config.server_resp_line:
@@ -1766,14 +1989,14 @@ class IMAP4:
 
     # -- towards the real server -------------------------------------------
 
-    def server_command(self, server, words, masked=None):
+    def server_command(self, server, words, untagged=None):
         """Send a command, quoting each argument or sending it as a literal
         (so a CR or LF inside can never end the command), and return the
-        tagged response line."""
+        tagged response line; untagged lines go to `untagged`."""
         session = self.session
         self.server_tag += 1
         tag = "P%d" % self.server_tag
-        line = tag.encode()
+        line, continuation = tag.encode(), False
         for word in words:
             if isinstance(word, str):
                 word = word.encode("utf-8", "surrogateescape")
@@ -1782,50 +2005,50 @@ class IMAP4:
                         b'"', b'\\"') + b'"'
                 else:
                     session.send_server(server, line + b" {%d}" % len(word),
-                                        masked)
-                    answer = session.read_server_line(server)
+                                        continuation)
+                    answer = session.read_server_line(server, True)
                     if not answer.startswith("+"):
                         raise LoginFailure(answer)
-                    line = word
+                    line, continuation = word, True
             else:
                 line += b" " + word
-        session.send_server(server, line, masked)
+        session.send_server(server, line, continuation)
         for answer in session.server_lines(server):
             if answer.startswith(tag + " "):
                 return answer[len(tag) + 1:]
+            if untagged is not None:
+                untagged.append(answer)
 
-    def capabilities_of(self, server, greeting):
-        match = re.match(r"\* OK \[CAPABILITY ([^\]]*)\]", greeting)
-        if match:
-            return match.group(1).upper().split()
-        self.session.send_server(server, "P0 CAPABILITY")
-        caps = []
-        for line in self.session.server_lines(server):
-            if line.upper().startswith("* CAPABILITY "):
-                caps = line[13:].upper().split()
-            elif line.startswith("P0 "):
-                return caps
-
-    def login(self, server, user, password):
+    def server_greeting(self, server):
+        """Read the greeting; its capabilities, or None if it has none."""
         session = self.session
         greeting = session.read_server_line(server)
         if not greeting.startswith("* OK"):
             raise LoginFailure("Greeting: %s" % greeting)
         session.check_greeting(greeting)
-        if session.tls_outgoing():
-            capable = "STARTTLS" in self.capabilities_of(server, greeting)
-            if session.start_tls_outgoing(server, capable):
-                answer = self.server_command(server, [b"STARTTLS"])
-                if not answer.startswith("OK"):
-                    raise LoginFailure("STARTTLS: %s" % answer)
-                session.handshake_outgoing(server)
-                # Anything said before TLS is forgotten; ask again.
-                greeting = "* OK"
-            if "LOGINDISABLED" in self.capabilities_of(server, greeting):
-                raise LoginFailure("Server has LOGINDISABLED")
+        match = re.match(r"\* OK \[CAPABILITY ([^\]]*)\]", greeting)
+        return frozenset(match.group(1).upper().split()) if match else None
+
+    def server_capabilities(self, server):
+        lines = []
+        self.server_command(server, [b"CAPABILITY"], lines)
+        return frozenset(word for line in lines
+                         if line.upper().startswith("* CAPABILITY ")
+                         for word in line[13:].upper().split())
+
+    def server_start_tls(self, server):
+        answer = self.server_command(server, [b"STARTTLS"])
+        if not answer.startswith("OK"):
+            raise LoginFailure("STARTTLS: %s" % answer)
+
+    def server_login(self, server, capabilities, backend, credentials):
+        """RFC 3501: no LOGIN where the server says LOGINDISABLED."""
+        if capabilities is None:
+            capabilities = self.server_capabilities(server)
+        if "LOGINDISABLED" in capabilities:
+            raise LoginFailure("Server has LOGINDISABLED")
         answer = self.server_command(
-            server, [b"LOGIN", user, password],
-            masked=b"P%d LOGIN XXXXXX" % (self.server_tag + 1))
+            server, [b"LOGIN", backend.user, backend.password])
         if not answer.startswith("OK"):
             raise LoginFailure("LOGIN: %s" % answer)
         return answer
@@ -1850,8 +2073,9 @@ class Session:
 
     __slots__ = ("perdition", "generation", "config", "client", "client_ip",
                  "client_port", "server_ip", "server_port", "hostname",
-                 "inetd_pid", "protocol", "user", "password", "backend",
-                 "attempts", "received", "sent", "tls_probe", "proxying")
+                 "inetd_pid", "protocol", "user", "password", "authzid",
+                 "backend", "attempts", "received", "sent", "tls_probe",
+                 "proxying")
 
     def __init__(self, perdition, generation, sock, host, inetd_pid=None):
         self.perdition = perdition
@@ -1863,8 +2087,7 @@ class Session:
         self.hostname = generation.hostnames[host]
         self.inetd_pid = inetd_pid
         self.protocol = perdition.protocol_class(self)
-        self.user = ""
-        self.password = ""
+        self.user = self.password = self.authzid = ""
         self.backend = None
         self.attempts = 0
         self.received = self.sent = 0
@@ -1920,10 +2143,11 @@ class Session:
         succeeds (returning the server connection) or the client quits."""
         protocol = self.protocol
         while True:
-            credentials = protocol.read_credentials()
+            credentials = protocol.serve()
             if credentials is None:
                 return None
-            self.user, self.password = credentials
+            self.user, self.password = credentials.user, credentials.password
+            self.authzid = credentials.authzid
             self.attempts += 1
             self.backend = None
             try:
@@ -1956,18 +2180,40 @@ class Session:
         for _ in range(3):
             server = self.connect(self.backend)
             try:
-                if "ssl_outgoing" in self.config.ssl_mode:
-                    self.handshake_outgoing(server)
-                line = self.protocol.login(server, self.backend.user,
-                                           self.backend.password)
-                server.watched = None       # the pump takes over
-                return server, line
-            except RetryTLS:
-                server.close()
+                line = self.log_in_to(server)
             except BaseException:
                 server.close()
                 raise
+            if line is not None:
+                server.watched = None       # the pump takes over
+                return server, line
+            server.close()
         raise LoginFailure("TLS: the server's certificate keeps changing")
+
+    def log_in_to(self, server):
+        """The back-end login, one sequence for every protocol, which
+        supplies the parts: TLS at once (ssl_outgoing), the greeting and
+        capabilities, STARTTLS (tls_outgoing; what the server said before
+        it is forgotten), the login.  Returns the server's final line, or
+        None when the connection must be made again to learn or use a
+        certificate."""
+        protocol = self.protocol
+        if "ssl_outgoing" in self.config.ssl_mode and \
+                not self.handshake_outgoing(server):
+            return None
+        capabilities = protocol.server_greeting(server)
+        if self.tls_outgoing():
+            if capabilities is None:
+                capabilities = protocol.server_capabilities(server)
+            if self.start_tls_outgoing(
+                    server, protocol.start_tls_command in capabilities):
+                protocol.server_start_tls(server)
+                if not self.handshake_outgoing(server):
+                    return None
+                capabilities = None
+        return protocol.server_login(server, capabilities, self.backend,
+                                     Credentials(self.user, self.password,
+                                                 self.authzid))
 
     def log_auth(self, status):
         mode = self.config.log_passwd
@@ -1994,12 +2240,15 @@ class Session:
         self.client.sendall(text.encode("utf-8", "surrogateescape")
                             + b"\r\n")
 
-    def log_dialogue(self, who, text, masked=None):
-        """-C with -d: log a line of the login dialogue; `masked` is the
-        line without its password, logged unless --log_passwd always."""
+    def log_dialogue(self, who, text, continuation=False):
+        """-C with -d: log a line of the login dialogue, its secrets masked
+        by the protocol's rule unless --log_passwd always; `continuation`
+        marks a line inside an authentication exchange."""
         if self.config.connection_logging and log.debug_enabled:
-            if masked is not None and self.config.log_passwd != "always":
-                text = masked
+            if isinstance(text, bytes):
+                text = text.decode("utf-8", "surrogateescape")
+            if self.config.log_passwd != "always":
+                text = self.protocol.redact(text, continuation)
             log.debug("%s %s: %s" % (self.client_ip, who, log_text(text)))
 
     def tls_offered(self):
@@ -2009,12 +2258,14 @@ class Session:
         return "tls_listen_force" in self.config.ssl_mode \
             and self.client.tls is None
 
-    def check_login_allowed(self):
+    def login_refusal(self):
+        """Why logging in is not allowed now, or None when it is."""
         if self.config.login_disabled:
-            raise BadCommand("Login disabled")
+            return "Login disabled"
         if self.tls_required():
-            raise BadCommand("Login disabled until %s has been issued"
-                             % self.protocol.start_tls_command)
+            return "Login disabled until %s has been issued" \
+                % self.protocol.start_tls_command
+        return None
 
     def start_tls_listen(self):
         self.client.start_tls(self.generation.listen_context, True)
@@ -2069,7 +2320,10 @@ class Session:
         return False
 
     def handshake_outgoing(self, server):
-        """TLS towards the real server, verified as the options say."""
+        """TLS towards the real server, verified as the options say.  False
+        when the connection must be made again: a self-signed certificate
+        the options accept was met (the next connection is a probe that
+        sends no credentials) or has just been learned on a probe."""
         tls = self.generation.outgoing_tls
         host, port = self.backend.host, self.backend.port
         context = tls.context_for(host, port, self.tls_probe is not None)
@@ -2079,19 +2333,20 @@ class Session:
             if self.tls_probe is not None:
                 tls.pin(host, port, server, self.tls_probe)
                 self.tls_probe = None
-                raise RetryTLS
+                return False
             tls.check(server)
         except ssl.SSLCertVerificationError as e:
             if e.verify_code in tls.accepted_codes and tls.probe_context:
                 self.tls_probe = e.verify_code
-                raise RetryTLS from None
+                return False
             raise LoginFailure("TLS: %s" % e.verify_message) from None
         except ssl.SSLError as e:
             raise LoginFailure("TLS: %s" % e) from None
+        return True
 
-    def read_server_line(self, server):
+    def read_server_line(self, server, continuation=False):
         line = server.readline().decode("utf-8", "surrogateescape")
-        self.log_dialogue("server", line)
+        self.log_dialogue("server", line, continuation)
         return line
 
     def server_lines(self, server):
@@ -2108,10 +2363,10 @@ class Session:
                 return lines
             lines.append(line[1:] if line.startswith(".") else line)
 
-    def send_server(self, server, text, masked=None):
+    def send_server(self, server, text, continuation=False):
         if isinstance(text, str):
             text = text.encode("utf-8", "surrogateescape")
-        self.log_dialogue("to server", text, masked)
+        self.log_dialogue("to server", text, continuation)
         server.check_watched()      # credentials for no one are not sent
         server.sendall(text + b"\r\n")
 
@@ -2428,7 +2683,7 @@ class Perdition:
     Generation, which a reload replaces."""
 
     def __init__(self, config, hosts):
-        self.protocol_class = IMAP4 if config.is_imap else POP3
+        self.protocol_class = PROTOCOLS[config.protocol].protocol_class
         self.hosts = hosts
         self.generation = Generation(config, hosts)
         self.pipes = PipePool()

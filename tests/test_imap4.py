@@ -228,6 +228,32 @@ def test_unknown_commands_get_bad(imap, line):
         assert reply.startswith(b"u1 BAD ") and b"LOGIN" in reply
 
 
+@pytest.mark.parametrize("args, expected", [
+    ([], b"CAPABILITY, NOOP, LOGIN, AUTHENTICATE or LOGOUT"),
+    (["--login_disabled"], b"CAPABILITY, NOOP or LOGOUT")])
+def test_the_valid_commands_named_are_those_allowed_now(
+        perdition_factory, dovecot, args, expected):
+    proxy = perdition_factory(args, "IMAP4", dovecot.imap_port)
+    with greeted(proxy.port) as client:
+        assert command(client, b"u1 FOO") == \
+            b"u1 BAD Unknown command, expected %s\r\n" % expected
+
+
+def test_too_many_errors_end_the_session(imap):
+    """Dovecot's login processes, too, stop listening after 20."""
+    with greeted(imap.port) as client:
+        assert login(client, b"bob", b"wrong").startswith(b"L1 NO ")
+        for n in range(19):
+            assert command(client, b"e%d FOO" % n).startswith(b"e%d BAD " % n)
+        client.send(b"e19 NOOP extra\r\n")
+        data = wait_for_eof(client)
+        assert data.startswith(b"e19 BAD ")
+        assert data.endswith(b"* BYE Too many errors\r\n")
+    imap.wait_for_log("127.0.0.1: Too many errors")
+    with greeted(imap.port) as other:
+        assert login(other) == b"L1 OK You are so in\r\n"
+
+
 @pytest.mark.parametrize("start", [
     b"u1 XFOO", b"u1( LOGIN", b"u1 LOGIN bob bobpw", b"u1 NOOP\0",
     b"u1 LOGIN {3+}\r\nbob bobpw", b'u1 LOGIN {3+}\r\nbob "bob\\pw"',
@@ -354,8 +380,11 @@ def test_crlf_in_a_literal_user_name_stays_one_command(scripted, backend):
         client.send(user + b" bobpw\r\n")
         assert client.readline() == b"s1 OK You are so in\r\n"
     backend.join(1)
-    assert len(commands) == 1
-    text, literals = commands[0]
+    # The greeting names no capabilities: perdition asks (RFC 3501: no
+    # LOGIN where LOGINDISABLED stands), then logs in with one command.
+    assert [text.split(b" ")[1] for text, _ in commands] == \
+        [b"CAPABILITY", b"LOGIN"]
+    text, literals = commands[1]
     assert text.split(b" ")[1:3] == [b"LOGIN", b"{%d}" % len(user)]
     assert text.split(b" ")[3:] in ([b"bobpw"], [b'"bobpw"'])
     assert literals == [user]

@@ -155,6 +155,31 @@ def test_other_commands_get_an_error_with_a_hint(pop3, line):
         assert command(client, b"NOOP") == b"+OK\r\n"
 
 
+@pytest.mark.parametrize("args, expected", [
+    ([], b"USER, PASS, CAPA, NOOP or QUIT"),
+    (["--login_disabled"], b"CAPA, NOOP or QUIT")])
+def test_the_valid_commands_named_are_those_allowed_now(
+        perdition_factory, dovecot, args, expected):
+    proxy = perdition_factory(args, "POP3", dovecot.pop3_port)
+    with greeted(proxy.port) as client:
+        assert command(client, b"FOO") == \
+            b"-ERR Unknown command, expected %s\r\n" % expected
+        assert command(client, b"USER bob") == (
+            b"+OK USER bob set\r\n" if not args else
+            b"-ERR Login disabled\r\n")
+
+
+def test_too_many_errors_end_the_session(pop3):
+    with greeted(pop3.port) as client:
+        for n in range(19):
+            assert command(client, b"FOO%d" % n).startswith(b"-ERR ")
+        client.send(b"PASS before-user\r\n")
+        data = wait_for_eof(client)
+        assert data == b"-ERR USER must come before PASS\r\n" \
+            b"-ERR Too many errors\r\n"
+    assert "before-user" not in pop3.log()
+
+
 def test_pass_before_user_and_user_without_argument(pop3):
     with greeted(pop3.port) as client:
         assert command(client, b"PASS alicepw").startswith(b"-ERR")

@@ -511,8 +511,9 @@ def silent(peer):
 
 
 def mute_after_login(peer):
-    """A real server that greets, reads the LOGIN and never answers."""
-    peer.send(b"* OK scripted IMAP ready\r\n")
+    """A real server that greets, reads the LOGIN and never answers.  (Its
+    greeting names its capabilities, so perdition asks for none.)"""
+    peer.send(b"* OK [CAPABILITY IMAP4rev1] scripted IMAP ready\r\n")
     peer.readline()
     peer.read_to_end()
 
