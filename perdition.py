@@ -14,13 +14,14 @@ perdition.imap4, perdition.imap4s or perdition.imaps (a symlink will do) to
 pick the protocol.  The manual page, man/perdition.8, describes every option.
 
 The sections follow the data: options and configuration; logging; user-name
-handling; back-end selection; TLS and connections; the two protocols; the
-session; the pump; the server and main().
+handling; local authentication; back-end selection; TLS and connections; the
+two protocols; the session; the pump; the server and main().
 """
 
 import _thread
 import _strptime        # noqa: F401  imported now: after setuid the
 import encodings.idna   # noqa: F401  library may no longer be readable
+import ctypes
 import fcntl
 import grp
 import ipaddress
@@ -306,8 +307,8 @@ OPTIONS = [
            "Idle timeout while the user is unauthenticated; 0 for none.",
            parse_seconds, aliases=("authenticate_timeout",)),
     Option("a", "authenticate_in", None, "",
-           "Authenticate the user locally (PAM) before connecting to the "
-           "real server.", FLAG),
+           "Authenticate the user locally through PAM (service perdition) "
+           "before any real server is contacted.", FLAG),
     Option("B", "no_bind_banner", None, "",
            "Use the uname host name in the greeting, not the reverse lookup "
            "of --bind_address.", FLAG),
@@ -682,9 +683,6 @@ class Config:
             self.query_key = ["\\U"]
         if self.no_lookup:
             self.no_bind_banner = True
-        if self.authenticate_in:
-            raise OptionError("option -a, --authenticate_in: local (PAM) "
-                              "authentication is not available yet")
         self.daemon = not (self.no_daemon or self.inetd_mode
                            or self.log_facility in ("-", "+"))
 
@@ -898,6 +896,189 @@ class UserNames:
                   "P": str(session.server_port), "\\": "\\"}
         return [re.sub(r"\\(.)", lambda m: values[m.group(1)], fmt)
                 for fmt in self.query_key]
+
+
+# ---------------------------------------------------------------------------
+# Local authentication
+# ---------------------------------------------------------------------------
+
+# -a asks Linux-PAM, through ctypes, whether the user may log in, before any
+# real server is contacted.  The numbers are Linux-PAM's (_pam_types.h).
+LIBPAM = "libpam.so.0"
+PAM_SERVICE = "perdition"
+# A directory of PAM service files used instead of the system's (/etc/pam.d),
+# as PERDITION_SYSCONFDIR moves /etc/perdition; the tests bring their own.
+PAM_CONFDIR = os.environ.get("PERDITION_PAM_CONFDIR", "")
+PAM_SUCCESS = 0
+PAM_BUF_ERR = 5
+PAM_CONV_ERR = 19
+PAM_RHOST = 4
+PAM_DISALLOW_NULL_AUTHTOK = 0x0001
+PAM_PROMPT_ECHO_OFF = 1        # message styles; 2 is PAM_PROMPT_ECHO_ON
+PAM_ERROR_MSG = 3
+PAM_TEXT_INFO = 4
+PAM_MAX_NUM_MSG = 32            # the most messages PAM sends in one call
+
+
+class PamMessage(ctypes.Structure):
+    _fields_ = [("msg_style", ctypes.c_int), ("msg", ctypes.c_char_p)]
+
+
+class PamResponse(ctypes.Structure):
+    # resp is a void pointer: it holds memory from malloc that PAM frees.
+    _fields_ = [("resp", ctypes.c_void_p), ("resp_retcode", ctypes.c_int)]
+
+
+PAM_CONV_FUNC = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.POINTER(PamMessage)),
+    ctypes.POINTER(ctypes.POINTER(PamResponse)), ctypes.c_void_p)
+
+
+class PamConv(ctypes.Structure):
+    _fields_ = [("conv", PAM_CONV_FUNC), ("appdata_ptr", ctypes.c_void_p)]
+
+
+class PAM:
+    """Local authentication: pam_authenticate and pam_acct_mgmt for the
+    service 'perdition', with the password the client gave.
+
+    libpam is loaded once, at start-up and before privileges are dropped,
+    and lives as long as the process.  Each login gets a PAM handle of its
+    own in the session's thread; ctypes lets go of the GIL around every PAM
+    call, so a module that waits on the network holds up no other session.
+    """
+
+    # (name, result, arguments) of the libpam and libc functions used.
+    PROTOTYPES = [
+        ("pam_start", ctypes.c_int, [ctypes.c_char_p, ctypes.c_char_p,
+                                     ctypes.POINTER(PamConv),
+                                     ctypes.POINTER(ctypes.c_void_p)]),
+        ("pam_set_item", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int,
+                                        ctypes.c_char_p]),
+        ("pam_authenticate", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int]),
+        ("pam_acct_mgmt", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int]),
+        ("pam_end", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int]),
+        ("pam_strerror", ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_int]),
+    ]
+    CONFDIR_PROTOTYPE = (
+        "pam_start_confdir", ctypes.c_int,
+        [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(PamConv),
+         ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)])
+    LIBC_PROTOTYPES = [
+        ("calloc", ctypes.c_void_p, [ctypes.c_size_t, ctypes.c_size_t]),
+        ("strdup", ctypes.c_void_p, [ctypes.c_char_p]),
+        ("free", None, [ctypes.c_void_p]),
+    ]
+
+    def __init__(self, confdir=PAM_CONFDIR):
+        where = "option -a, --authenticate_in: "
+        try:
+            self.lib = ctypes.CDLL(LIBPAM)
+        except OSError as e:
+            raise OptionError("%scannot load %s for local (PAM) "
+                              "authentication: %s" % (where, LIBPAM, e)) \
+                from None
+        self.confdir = os.fsencode(confdir) if confdir else None
+        prototypes = self.PROTOTYPES + [self.CONFDIR_PROTOTYPE] * bool(
+            confdir)
+        for name, result, arguments in prototypes:
+            if not hasattr(self.lib, name):
+                raise OptionError("%s%s has no %s%s" % (
+                    where, LIBPAM, name, " (PERDITION_PAM_CONFDIR needs "
+                    "Linux-PAM 1.4 or later)" if name.endswith("confdir")
+                    else ""))
+            self.declare(self.lib, name, result, arguments)
+        # PAM frees the replies with the free() of the C library it uses:
+        # the process's own, found through the program's symbols.
+        self.libc = ctypes.CDLL(None)
+        for name, result, arguments in self.LIBC_PROTOTYPES:
+            self.declare(self.libc, name, result, arguments)
+        # One callback for the life of the process: PAM may call it at any
+        # time until pam_end, so it must outlive every handle.
+        self.conversation = PAM_CONV_FUNC(self.converse)
+
+    @staticmethod
+    def declare(library, name, result, arguments):
+        function = getattr(library, name)
+        function.restype, function.argtypes = result, arguments
+
+    def authenticate(self, user, password, client_ip):
+        """Return if PAM accepts `user` with `password`; raise LoginFailure
+        saying which step refused, and why, if it does not."""
+        user = user.encode("utf-8", "surrogateescape")
+        password = password.encode("utf-8", "surrogateescape")
+        if b"\0" in user or b"\0" in password:    # C strings would cut them
+            raise LoginFailure("Local authentication failed: NUL in user "
+                               "name or password")
+        secret = ctypes.create_string_buffer(password)
+        conv = PamConv(self.conversation, ctypes.cast(secret,
+                                                      ctypes.c_void_p))
+        handle = ctypes.c_void_p()
+        steps = [("pam_set_item", self.lib.pam_set_item, PAM_RHOST,
+                  client_ip.encode()),
+                 ("pam_authenticate", self.lib.pam_authenticate,
+                  PAM_DISALLOW_NULL_AUTHTOK),
+                 ("pam_acct_mgmt", self.lib.pam_acct_mgmt,
+                  PAM_DISALLOW_NULL_AUTHTOK)]
+        status = PAM_SUCCESS
+        try:
+            if self.confdir:
+                status = self.lib.pam_start_confdir(
+                    PAM_SERVICE.encode(), user, ctypes.byref(conv),
+                    self.confdir, ctypes.byref(handle))
+            else:
+                status = self.lib.pam_start(PAM_SERVICE.encode(), user,
+                                            ctypes.byref(conv),
+                                            ctypes.byref(handle))
+            if status != PAM_SUCCESS:
+                raise LoginFailure(self.failure(None, "pam_start", status))
+            for step, call, *arguments in steps:
+                status = call(handle, *arguments)
+                if status != PAM_SUCCESS:
+                    raise LoginFailure(self.failure(handle, step, status))
+        finally:
+            if handle.value:    # a failed pam_start leaves no handle
+                self.lib.pam_end(handle, status)
+
+    def failure(self, handle, step, status):
+        reason = self.lib.pam_strerror(handle, status)
+        return "Local authentication failed: %s: %s" % (
+            step, reason.decode("utf-8", "replace") if reason else status)
+
+    def converse(self, count, messages, responses, appdata):
+        """PAM's conversation function.  The password prompt (echo off) is
+        answered with the client's password; notices and error messages
+        need no answer; any other prompt (echo on: a user name, a one-time
+        code) has no answer here and fails the conversation.  The replies
+        are allocated with malloc, since PAM frees them."""
+        if not 0 < count <= PAM_MAX_NUM_MSG:
+            return PAM_CONV_ERR
+        replies = self.libc.calloc(count, ctypes.sizeof(PamResponse))
+        if not replies:
+            return PAM_BUF_ERR
+        reply = ctypes.cast(replies, ctypes.POINTER(PamResponse))
+        status = PAM_SUCCESS
+        try:
+            password = ctypes.cast(appdata, ctypes.c_char_p).value
+            for i in range(count):
+                style = messages[i].contents.msg_style
+                if style == PAM_PROMPT_ECHO_OFF:
+                    reply[i].resp = self.libc.strdup(password)
+                    if not reply[i].resp:
+                        status = PAM_BUF_ERR
+                        break
+                elif style not in (PAM_ERROR_MSG, PAM_TEXT_INFO):
+                    status = PAM_CONV_ERR
+                    break
+        except Exception:       # ctypes would return an undefined result
+            status = PAM_CONV_ERR
+        if status != PAM_SUCCESS:
+            for i in range(count):
+                self.libc.free(reply[i].resp)
+            self.libc.free(replies)
+            return status
+        responses[0] = reply
+        return PAM_SUCCESS
 
 
 # ---------------------------------------------------------------------------
@@ -2152,6 +2333,8 @@ class Session:
             self.backend = None
             try:
                 try:
+                    if self.perdition.pam is not None:
+                        self.authenticate_locally()
                     self.backend = self.generation.selector.select(
                         self.user, self.password, self)
                     server, line = self.login()
@@ -2169,6 +2352,16 @@ class Session:
             self.log_auth("ok")
             self.reply(protocol.ok(line))
             return server
+
+    def authenticate_locally(self):
+        """-a: PAM must accept the user, under the name rewritten for the
+        local_authentication state, before any real server is contacted;
+        a refusal is a LoginFailure like a refusal by the real server."""
+        user = self.generation.user_names.rewrite(
+            self.user, "local_authentication", self.server_ip)
+        log.debug("Local authentication of %s as %s"
+                  % (log_text(self.user), log_text(user)))
+        self.perdition.pam.authenticate(user, self.password, self.client_ip)
 
     def login(self):
         """Connect to the chosen server and log in: (connection, line).
@@ -2643,8 +2836,9 @@ class Generation:
         self.retired = False
         self.popmap = open_popmap(config)
         try:
+            self.user_names = UserNames(config)
             self.selector = ServerSelector(config, self.popmap,
-                                           UserNames(config))
+                                           self.user_names)
             modes = config.ssl_mode
             self.listen_context = make_listen_context(config) \
                 if modes & {"ssl_listen", "tls_listen"} else None
@@ -2678,12 +2872,13 @@ def open_popmap(config):
 
 
 class Perdition:
-    """What lives as long as the process: the protocol, worker threads,
-    splice pipes, the open sessions and their count -- and the current
-    Generation, which a reload replaces."""
+    """What lives as long as the process: the protocol, libpam (-a), worker
+    threads, splice pipes, the open sessions and their count -- and the
+    current Generation, which a reload replaces."""
 
     def __init__(self, config, hosts):
         self.protocol_class = PROTOCOLS[config.protocol].protocol_class
+        self.pam = PAM() if config.authenticate_in else None
         self.hosts = hosts
         self.generation = Generation(config, hosts)
         self.pipes = PipePool()

@@ -67,7 +67,7 @@ def test_sample_configuration_values_are_valid(tmp_path):
     keys = {line.split()[0] for line in lines}
     assert keys == {o.long for o in perdition.OPTIONS
                     if o.long not in perdition.NOT_IN_CONFIG_FILE}
-    skip = {"authenticate_in", "inetd_mode", "config_file"}
+    skip = {"inetd_mode", "config_file"}
     usable = []
     for line in lines:
         option = perdition.OPTIONS_BY_NAME[line.split()[0]]

@@ -28,11 +28,12 @@ import perdition  # noqa: E402
 
 ALL_STATES = frozenset(perdition.STATES)
 FLAG = (None, True)
-# For every option but authenticate_in (see its own test): a value to give
-# it, as written on the command line, and the setting that must result.
+# For every option: a value to give it, as written on the command line,
+# and the setting that must result.
 SAMPLES = {
     "add_domain": ("remote_login,2", (frozenset({"remote_login"}), 2)),
     "authentication_timeout": ("60", 60),
+    "authenticate_in": FLAG,
     "no_bind_banner": FLAG,
     "bind_address": ("127.0.0.1:1110,[::1]:1111,localhost",
                      [("127.0.0.1", 1110), ("::1", 1111),
@@ -180,8 +181,7 @@ def test_every_option_of_the_manual_is_in_the_table():
 
 
 def test_samples_cover_every_option():
-    assert set(SAMPLES) | {"authenticate_in"} == \
-        {o.long for o in perdition.OPTIONS}
+    assert set(SAMPLES) == {o.long for o in perdition.OPTIONS}
 
 
 @pytest.mark.parametrize("option", SAMPLED, ids=lambda o: o.long)
@@ -315,16 +315,6 @@ def test_help_shows_defaults_under_the_sysconfdir(tmp_path):
     assert result.returncode == 0
     expected = os.path.join(tmp_path, "etc", "perdition.crt.pem")
     assert '(default "%s")' % expected in result.stdout
-
-
-def test_authenticate_in_is_refused_clearly(tmp_path):
-    """Local (PAM) authentication belongs to a later issue: perdition says
-    so at start-up rather than ignoring the option."""
-    conf = write_conf(tmp_path / "a.conf", "a\n")
-    for args in (["-a"], ["--authenticate_in"], ["-f", conf]):
-        with pytest.raises(perdition.OptionError,
-                           match="authenticate_in.*not available"):
-            config(*args)
 
 
 # ---------------------------------------------------------------------------
