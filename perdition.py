@@ -903,18 +903,19 @@ class UserNames:
 # ---------------------------------------------------------------------------
 
 # -a asks Linux-PAM, through ctypes, whether the user may log in, before any
-# real server is contacted.  The numbers are Linux-PAM's (_pam_types.h).
+# real server is contacted.
 LIBPAM = "libpam.so.0"
 PAM_SERVICE = "perdition"
 # A directory of PAM service files used instead of the system's (/etc/pam.d),
 # as PERDITION_SYSCONFDIR moves /etc/perdition; the tests bring their own.
 PAM_CONFDIR = os.environ.get("PERDITION_PAM_CONFDIR", "")
+# Linux-PAM's numbers (security/_pam_types.h).
 PAM_SUCCESS = 0
 PAM_BUF_ERR = 5
 PAM_CONV_ERR = 19
 PAM_RHOST = 4
 PAM_DISALLOW_NULL_AUTHTOK = 0x0001
-PAM_PROMPT_ECHO_OFF = 1        # message styles; 2 is PAM_PROMPT_ECHO_ON
+PAM_PROMPT_ECHO_OFF = 1         # message styles; 2 is PAM_PROMPT_ECHO_ON
 PAM_ERROR_MSG = 3
 PAM_TEXT_INFO = 4
 PAM_MAX_NUM_MSG = 32            # the most messages PAM sends in one call
