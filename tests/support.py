@@ -33,6 +33,7 @@ __all__ = ["SPECIAL_USERS", "special_dovecot", "big_message", "wait_for_eof",
 SPECIAL_USERS = {
     "quoter": 'p a"s\\s',           # space, quote and backslash
     "j\u00fcrgen": "p\u00e4ssw\u00f6rd",     # UTF-8 name and password
+    "erin%example.com": "p%w*d]x",  # atom characters LIST would refuse
 }
 
 

@@ -317,6 +317,16 @@ def test_login_with_atoms(imap, dovecot):
     assert "alicepw" not in log
 
 
+def test_unquoted_login_arguments_as_dovecot_takes_them(imap):
+    """'%', '*' and ']' are refused in tags, but Dovecot and the C perdition
+    take them in an unquoted LOGIN argument, and so does perdition."""
+    with greeted(imap.port) as client:
+        assert command(client, b"x1 LOGIN erin%example.com p%w*d]x") == \
+            b"x1 OK You are so in\r\n"
+        assert command(client, b"x2 SELECT INBOX").startswith(b"x2 OK ")
+    imap.wait_for_log('Auth: 127.0.0.1 user="erin%example.com" ')
+
+
 def test_login_with_quoted_strings_and_escapes(imap):
     with greeted(imap.port) as client:
         assert login(client, b'"quoter"', b'"p a\\"s\\\\s"') == \
@@ -507,6 +517,40 @@ def test_over_long_line(imap, size):
     other = imap_connect(imap.port)
     assert other.login("bob", "bobpw")[0] == "OK"
     other.logout()
+
+
+@pytest.mark.parametrize("literal", [b"{5}", b"{5+}"])
+def test_nul_byte_in_a_login_literal(imap, literal):
+    """RFC 3501 literals carry no NUL: BAD, as in the line."""
+    with greeted(imap.port) as client:
+        client.send(b"n1 LOGIN " + literal + b"\r\n")
+        if literal == b"{5}":
+            assert client.readline().startswith(b"+ ")
+        client.send(b"al\0ce alicepw\r\n")
+        assert client.readline().startswith(b"n1 BAD ")
+        assert login(client) == b"L1 OK You are so in\r\n"
+    assert 'al\\x00ce' not in imap.log()
+
+
+@pytest.mark.parametrize("verb", [b"NOOP", b"LOGIN", b"XFOO"])
+def test_a_thousand_chained_literals_get_bad(imap, verb):
+    """Skipping literals is a bounded loop: no recursion."""
+    errors = imap.log().count("Traceback")
+    with greeted(imap.port) as client:
+        client.send(b"c1 " + verb + b" {0+}\r\n" + b"{0+}\r\n" * 1000
+                    + b"x\r\n")
+        assert client.readline().startswith(b"c1 BAD ")
+        assert login(client) == b"L1 OK You are so in\r\n"
+    assert imap.log().count("Traceback") == errors
+
+
+def test_a_command_too_long_in_literals_ends_the_session(imap):
+    with greeted(imap.port) as client:
+        client.send(b"c1 NOOP {0+}\r\n" + b"{9+}\r\n123456789" * 10000
+                    + b"x\r\n")
+        assert wait_for_eof(client).endswith(b"* BYE Command too long\r\n")
+    with greeted(imap.port) as other:
+        assert login(other) == b"L1 OK You are so in\r\n"
 
 
 def test_synchronising_literal_too_big_is_refused(imap):

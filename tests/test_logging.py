@@ -506,3 +506,101 @@ def test_connect_relog(tmp_path, dovecot):
         assert proxy.log().count(auth) == text.count(auth)
     finally:
         proxy.stop()
+
+
+# ---------------------------------------------------------------------------
+# Secrets in the -d -C dialogue
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def talkative(dovecot, tmp_path_factory):
+    """perdition logging its dialogue (-d -C) in front of Dovecot."""
+    tmp = tmp_path_factory.mktemp("talkative")
+    running = {
+        protocol: start(Perdition(["-d", "-C"], protocol, tmp,
+                                  backend_port(dovecot, protocol)))
+        for protocol in ("IMAP4", "POP3")}
+    yield running
+    for proxy in running.values():
+        proxy.stop()
+
+
+def dialogue_of(proxy, lines, secrets, final=None):
+    """Send *lines* (each answered by one line, or by '+ ' first for a
+    synchronising literal), then *final* and its answer; return the log of
+    that connection, with every secret checked absent from it."""
+    offset = len(proxy.log())
+    with RawClient(proxy.port) as client:
+        client.readline()
+        for line in lines:
+            client.send(line)
+            answer = client.readline()
+            assert answer, line
+        if final:
+            client.send(final)
+            answers = client.read_until(b"so in\r\n")
+            assert answers.endswith(b"OK You are so in\r\n"), answers
+    text = "\n".join(new_messages(proxy, offset))
+    for secret in secrets:
+        assert secret not in text, (secret, text)
+    return text
+
+
+# Malformed lines that carry a password: each secret must stay out.
+IMAP_CREDENTIAL_LINES = [
+    b"a LOGIN alice s3cret-atom\r\n",
+    b'a LOGIN "alice" "s3cret-quoted"\r\n',
+    b"a login alice s3cret-lower\r\n",
+    b"a LoGiN alice s3cret-mixed\r\n",
+    b"a  LOGIN  alice  s3cret-doubled\r\n",
+    b" a LOGIN alice s3cret-leading\r\n",
+    b"a\tLOGIN\talice\ts3cret-tab\r\n",
+    b"a LOGIN\talice s3cret-tab2\r\n",
+    b"LOGIN alice s3cret-tagless\r\n",
+    b"a LOGIN alice s3cret-extra words\r\n",
+    b"a LOGIN alice {13+}\r\ns3cret-literal\r\n",
+]
+POP3_CREDENTIAL_LINES = [
+    b"PASS s3cret-first\r\n",       # before USER: refused, still masked
+    b"USER alice\r\n",
+    b"pass s3cret-lower\r\n",
+    b"PaSs s3cret-mixed\r\n",
+    b"PASS  s3cret-doubled\r\n",
+    b" PASS s3cret-leading\r\n",
+    b"PASS\ts3cret-tab\r\n",
+    b"PASS s3cret-extra words\r\n",
+]
+
+
+def secrets_of(lines):
+    return [word.decode() for line in lines
+            for word in re.findall(rb"s3cret-[a-z0-9]+", line)]
+
+
+def test_every_form_of_imap_login_is_masked(talkative):
+    text = dialogue_of(talkative["IMAP4"], IMAP_CREDENTIAL_LINES,
+                       secrets_of(IMAP_CREDENTIAL_LINES) + ["alicepw"],
+                       final=b"z LOGIN alice {7+}\r\nalicepw\r\n")
+    assert "client: a LOGIN XXXXXX" in text
+    assert "client: a LoGiN XXXXXX" in text
+    assert "client: LOGIN XXXXXX" in text
+    # the real server's side: perdition's LOGIN, quoted
+    assert re.search(r"to server: P\d+ LOGIN XXXXXX", text)
+
+
+def test_imap_literals_towards_the_server_are_masked(talkative):
+    """A password with a CR is sent to the real server as a literal: every
+    line of that LOGIN is masked, and the server's go-ahead too."""
+    text = dialogue_of(talkative["IMAP4"], [
+        b"a LOGIN {5}\r\n", b"alice {13}\r\n", b"s3cret-\rcr-pw\r\n"], [
+        "s3cret-", "cr-pw"])
+    assert "to server: XXXXXX" in text and "server: + XXXXXX" in text
+
+
+def test_every_form_of_pop3_pass_is_masked(talkative):
+    text = dialogue_of(talkative["POP3"], POP3_CREDENTIAL_LINES,
+                       secrets_of(POP3_CREDENTIAL_LINES) + ["alicepw"],
+                       final=b"PASS alicepw\r\n")
+    assert "client: PASS XXXXXX" in text and "client: PaSs XXXXXX" in text
+    assert "to server: PASS XXXXXX" in text
+    assert "client: USER alice" in text     # the user name is no secret
