@@ -60,6 +60,9 @@ BUFFER_SIZE = 65536             # pump read size
 LINE_READ = 4096                # read size before login: commands are short
 LINGER_TIME = 2.0               # seconds to read and drop input after an error
 LINGER_BYTES = 16 << 20         # ... and at most this much of it
+PROXY_HEADER_TIME = 3.0         # seconds a balancer has for its PROXY header
+PROXY_HEADER_MAX = 536          # the TCP segment every host takes, which
+                                # proxy-protocol.txt fits both versions in
 THREAD_STACK_SIZE = 256 * 1024  # so that thousands of sessions fit
 
 
@@ -261,6 +264,17 @@ def parse_pid_file(value):
     return value
 
 
+def parse_networks(value):
+    """NETWORK[,NETWORK...], each an address or address/prefix."""
+    networks = []
+    for item in filter(None, (v.strip() for v in value.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise OptionError("invalid network %r" % item) from None
+    return networks
+
+
 def parse_query_key(value):
     """FORMAT[,FORMAT...]; each checked for unknown escapes now."""
     formats = [f for f in value.split(",") if f]
@@ -399,6 +413,11 @@ OPTIONS = [
     Option("U", "username_from_database", None, "",
            "Log in to the real server with the user name from the popmap "
            "answer user<delimiter>host.", FLAG),
+    Option(None, "proxy_protocol", "NETWORK[,NETWORK...]", "",
+           "Connections from these networks (address[/prefix]) start with "
+           "a PROXY protocol header, version 1 or 2, that gives the "
+           "client's address; others are refused.  Empty: off.",
+           parse_networks),
     Option("q", "quiet", None, "", "Only log errors (overridden by -d).",
            FLAG),
     Option(None, "query_key", "FORMAT[,FORMAT...]", "",
@@ -699,8 +718,9 @@ def format_value(value):
         return ",".join(sorted(value))
     if isinstance(value, tuple):            # add_domain: (states, depth)
         return "%s,%d" % (format_value(value[0]), value[1])
-    if isinstance(value, list):             # servers, or query_key formats
+    if isinstance(value, list):     # servers, networks, query_key formats
         return ",".join(item if isinstance(item, str) else
+                        str(item) if not isinstance(item, tuple) else
                         item[0] if item[1] is None else "%s:%d" % item
                         for item in value)
     return '"%s"' % value if isinstance(value, str) else str(value)
@@ -1622,6 +1642,96 @@ class Connection:
         self.sock.close()
 
 
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def proxy_header_length(data):
+    """The length of the PROXY header that `data` begins with, or None
+    while `data` could still become one; ProtocolError when it cannot."""
+    if PROXY_V2_SIGNATURE.startswith(data[:12]):
+        if len(data) < 16:
+            return None
+        length = 16 + int.from_bytes(data[14:16], "big")
+        if length > PROXY_HEADER_MAX:
+            raise ProtocolError("PROXY header of %d bytes is too long"
+                                % length)
+        return length
+    if not b"PROXY ".startswith(data[:6]):
+        raise ProtocolError("not a PROXY protocol header")
+    end = data.find(b"\r\n", 0, 107)
+    if end >= 0:
+        return end + 2
+    if len(data) >= 107:
+        raise ProtocolError("PROXY header line is too long")
+    return None
+
+
+def read_proxy_header(sock, timeout):
+    """Read a PROXY protocol header, exactly and no byte more (an implicit
+    TLS client hello may follow it), within `timeout` seconds.
+
+    Returns ((client ip, port), (server ip, port)) as the balancer saw the
+    connection, or None where the header gives no addresses (a v2 LOCAL
+    health check, v1 UNKNOWN, an address family other than TCP).
+    ProtocolError for a bad header, TimeoutError, EOFError."""
+    header = b""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = max(deadline - time.monotonic(), 0.001)
+        sock.settimeout(left)
+        try:
+            peeked = sock.recv(PROXY_HEADER_MAX - len(header),
+                               socket.MSG_PEEK)
+        except TimeoutError:
+            raise TimeoutError("no PROXY header within %g s"
+                               % timeout) from None
+        if not peeked:
+            raise EOFError
+        length = proxy_header_length(header + peeked)
+        # Without the end in sight, all that has come is header.
+        header += sock.recv(len(peeked) if length is None
+                            else length - len(header))
+        if length is not None and len(header) == length:
+            return parse_proxy_header(header)
+
+
+def parse_proxy_header(header):
+    if header.startswith(PROXY_V2_SIGNATURE):
+        command, family = header[12], header[13]
+        if command >> 4 != 2 or command & 0xf > 1:
+            raise ProtocolError("unknown PROXY v2 command 0x%02x" % command)
+        size = {0x11: 4, 0x21: 16}.get(family)
+        if command & 0xf == 0 or size is None:
+            return None         # LOCAL, or not TCP: the balancer's own
+        body = header[16:]
+        if len(body) < 2 * size + 4:
+            raise ProtocolError("PROXY v2 header too short for its "
+                                "addresses")
+        addresses = [ipaddress.ip_address(body[n * size:(n + 1) * size])
+                     for n in (0, 1)]
+        ports = struct.unpack("!HH", body[2 * size:2 * size + 4])
+    else:
+        words = header[:-2].decode("ascii", "replace").split(" ")
+        if words[1:2] == ["UNKNOWN"]:
+            return None
+        try:
+            if len(words) != 6 or words[1] not in ("TCP4", "TCP6"):
+                raise ValueError
+            addresses = [ipaddress.ip_address(w) for w in words[2:4]]
+            if any(a.version != int(words[1][3]) for a in addresses) or \
+                    not all(w.isdigit() and len(w) <= 5 for w in words[4:]):
+                raise ValueError
+            ports = [int(w) for w in words[4:]]
+            if max(ports) > 65535:
+                raise ValueError
+        except ValueError:
+            raise ProtocolError("malformed PROXY header %s"
+                                % log_text(header[:-2])) from None
+    # An IPv4-mapped IPv6 address is logged and matched as IPv4.
+    return tuple((str(getattr(address, "ipv4_mapped", None) or address), port)
+                 for address, port in zip(addresses, ports))
+
+
 # ---------------------------------------------------------------------------
 # The protocols
 # ---------------------------------------------------------------------------
@@ -2278,6 +2388,8 @@ class Session:
 
     def run(self):
         config = self.config
+        if config.proxy_protocol and not self.take_proxy_header():
+            return
         log.info("Connect: %s%s" % (self.client_ip, "[inetd_pid=%d]"
                                     % self.inetd_pid if self.inetd_pid
                                     else ""))
@@ -2311,6 +2423,31 @@ class Session:
             log.info('Close: %s user="%s" received=%d sent=%d'
                      % (self.client_ip, log_text(self.user), self.received,
                         self.sent))
+
+    def take_proxy_header(self):
+        """--proxy_protocol: the client's (and the address it connected
+        to) as the balancer's header gives them.  False when the
+        connection is refused, which the log says why."""
+        balancer = self.client_ip
+        timeout = min(PROXY_HEADER_TIME, self.config.authentication_timeout
+                      or PROXY_HEADER_TIME)
+        try:
+            try:
+                trusted = any(ipaddress.ip_address(balancer) in network
+                              for network in self.config.proxy_protocol)
+            except ValueError:          # no IP address at all
+                trusted = False
+            if not trusted:
+                raise ProtocolError("not a trusted source of PROXY headers")
+            addresses = read_proxy_header(self.client.sock, timeout)
+        except (ProtocolError, OSError, EOFError) as e:
+            log.info("PROXY protocol: %s: %s, closing" % (
+                balancer, str(e) or "closed before sending a header"))
+            return False
+        if addresses:
+            (self.client_ip, self.client_port), \
+                (self.server_ip, self.server_port) = addresses
+        return True
 
     def say_farewell(self, reason):
         log.info("%s: %s" % (self.client_ip, reason))

@@ -9,6 +9,7 @@ import tempfile
 import pytest
 
 from dovecot import Dovecot, dovecot_binary
+from haproxy import haproxy_binary
 from helpers import Perdition
 
 
@@ -27,23 +28,30 @@ def pytest_unconfigure(config):
         shutil.rmtree(config.own_basetemp, ignore_errors=True)
 
 
-PACKAGES = ["dovecot-imapd", "dovecot-pop3d", "curl", "openssl"]
+PACKAGES = ["dovecot-imapd", "dovecot-pop3d", "curl", "openssl", "haproxy"]
+
+
+def missing_programs():
+    """The real programs the suite drives that this machine lacks."""
+    found = {"dovecot": dovecot_binary(), "curl": shutil.which("curl"),
+             "openssl": shutil.which("openssl"), "haproxy": haproxy_binary()}
+    return [name for name, path in found.items() if path is None]
 
 
 def pytest_sessionstart(session):
     """Without Dovecot there is no back-end to proxy to, and every test that
-    matters would be skipped or meaningless: install it when we may (root
-    with apt-get), else refuse to run and say what to install."""
-    missing = dovecot_binary() is None or not shutil.which("curl") \
-        or not shutil.which("openssl")
-    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+    matters would be skipped or meaningless: install what is missing when
+    we may (root with apt-get), else refuse to run and say what to
+    install."""
+    if missing_programs() and os.geteuid() == 0 and shutil.which("apt-get"):
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
         subprocess.run(["apt-get", "install", "-y", "-qq"] + PACKAGES,
                        env=env, check=False)
-    if dovecot_binary() is None or not shutil.which("curl"):
-        pytest.exit("the tests need Dovecot and curl; run: apt-get install "
-                    "-y " + " ".join(PACKAGES), returncode=1)
+    missing = missing_programs()
+    if missing:
+        pytest.exit("the tests need %s; run: apt-get install -y %s"
+                    % (", ".join(missing), " ".join(PACKAGES)), returncode=1)
 
 
 @pytest.fixture(scope="module")

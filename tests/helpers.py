@@ -212,8 +212,9 @@ class RawClient:
     readline() returns what is left, b"" once nothing is.
     """
 
-    def __init__(self, port, host="127.0.0.1", timeout=TIMEOUT):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port, host="127.0.0.1", timeout=TIMEOUT, source=None):
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=source)
         self.timeout = timeout
         self.buffer = b""
 

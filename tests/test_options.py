@@ -9,6 +9,7 @@ by running it.
 """
 
 import imaplib
+import ipaddress
 import os
 import poplib
 import socket
@@ -73,6 +74,10 @@ SAMPLES = {
     "timeout": ("30", 30),
     "username": ("mail", "mail"),
     "username_from_database": FLAG,
+    "proxy_protocol": ("10.0.0.0/8, 192.0.2.1,::1",
+                       [ipaddress.ip_network("10.0.0.0/8"),
+                        ipaddress.ip_network("192.0.2.1/32"),
+                        ipaddress.ip_network("::1/128")]),
     "quiet": FLAG,
     "query_key": ("\\u,\\D\\d", ["\\u", "\\D\\d"]),
     "ssl_mode": ("tls_listen,ssl_outgoing",
