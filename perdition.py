@@ -19,11 +19,13 @@ two protocols; the session; the pump; the server and main().
 """
 
 import _thread
+import collections
 import _strptime        # noqa: F401  imported now: after setuid the
 import encodings.idna   # noqa: F401  library may no longer be readable
 import ctypes
 import fcntl
 import grp
+import heapq
 import ipaddress
 import itertools
 import os
@@ -64,6 +66,8 @@ PROXY_HEADER_TIME = 3.0         # seconds a balancer has for its PROXY header
 PROXY_HEADER_MAX = 536          # the TCP segment every host takes, which
                                 # proxy-protocol.txt fits both versions in
 THREAD_STACK_SIZE = 256 * 1024  # so that thousands of sessions fit
+MAX_FAILURE_ADDRESSES = 65536   # client addresses --login_failure_limit
+                                # follows at once: a flood cannot grow it
 
 
 class OptionError(Exception):
@@ -264,6 +268,21 @@ def parse_pid_file(value):
     return value
 
 
+Rate = collections.namedtuple("Rate", "count seconds")
+
+
+def parse_rate(value):
+    """COUNT/SECONDS, or empty for none."""
+    if not value:
+        return None
+    count, sep, seconds = value.partition("/")
+    if not (sep and count.isascii() and count.isdigit() and int(count) > 0
+            and seconds.isascii() and seconds.isdigit() and int(seconds) > 0):
+        raise OptionError("needs COUNT/SECONDS, both whole numbers > 0, "
+                          "not %r" % value)
+    return Rate(int(count), int(seconds))
+
+
 def parse_networks(value):
     """NETWORK[,NETWORK...], each an address or address/prefix."""
     networks = []
@@ -317,6 +336,9 @@ OPTIONS = [
            "reverse lookup of the address the client connected to, less "
            "STRIP_DEPTH leading labels (default 1), or --explicit_domain.",
            parse_add_domain),
+    Option(None, "auth_failure_delay", "SECONDS", "2",
+           "Delay the answer to a failed login by this long, against "
+           "password guessing; 0 for none.", parse_seconds),
     Option(None, "authentication_timeout", "SECONDS", "1800",
            "Idle timeout while the user is unauthenticated; 0 for none.",
            parse_seconds, aliases=("authenticate_timeout",)),
@@ -335,6 +357,9 @@ OPTIONS = [
     Option(None, "connect_relog", "SECONDS", "300",
            "How often to log the connection again, for POP/IMAP before "
            "SMTP; 0 for never.", parse_seconds),
+    Option(None, "client_connection_limit", "N", "0",
+           "Maximum simultaneous connections from one client address; 0 "
+           "for no limit.", parse_count),
     Option("c", "client_server_specification", None, "",
            "Allow USER of the form user<delimiter>server[:port] to choose "
            "the server.", FLAG),
@@ -367,6 +392,13 @@ OPTIONS = [
                or_list((str(e.port) for e in PROTOCOLS.values()), "and"),
                or_list(PROTOCOLS, "and")),
            parse_port),
+    Option(None, "login_failure_limit", "COUNT/SECONDS", "",
+           "After COUNT failed logins from one client address within "
+           "SECONDS, its logins fail at once, with no map or real server "
+           "asked, until the window passes.  Empty: no limit.", parse_rate),
+    Option(None, "login_timeout", "SECONDS", "180",
+           "Longest time from connecting to a successful login, however "
+           "busy the client; 0 for none.", parse_seconds),
     Option(None, "login_disabled", None, "",
            "Do not allow users to log in; adds LOGINDISABLED in IMAP4.",
            FLAG),
@@ -716,6 +748,8 @@ def format_value(value):
     """An option's value as the start-up log shows it."""
     if isinstance(value, (set, frozenset)):
         return ",".join(sorted(value))
+    if isinstance(value, Rate):
+        return "%d/%d" % value
     if isinstance(value, tuple):            # add_domain: (states, depth)
         return "%s,%d" % (format_value(value[0]), value[1])
     if isinstance(value, list):     # servers, networks, query_key formats
@@ -2357,6 +2391,108 @@ def plain_address(address):
             else host), address[1]
 
 
+class Deadline:
+    """One entry of Deadlines: `function(*args)` at `when`, unless
+    cancelled; `ran` once it has been called."""
+
+    __slots__ = ("when", "serial", "function", "args", "ran")
+
+    def __init__(self, when, serial, function, args):
+        self.when, self.serial = when, serial
+        self.function, self.args = function, args
+        self.ran = False
+
+    def __lt__(self, other):
+        return (self.when, self.serial) < (other.when, other.serial)
+
+
+class Deadlines:
+    """Calls functions at their time, from one thread for all sessions
+    (--login_timeout), so that a deadline costs no thread of its own.
+
+    A function runs holding the lock, as cancel() does, so the two never
+    cross: cancel() tells whether the function has run.  A cancelled entry
+    drops its function at once, and with it the session it names."""
+
+    def __init__(self):
+        self._heap = []
+        self._serial = itertools.count()
+        self._lock = threading.Condition(threading.Lock())
+        self._thread = None
+
+    def add(self, seconds, function, *args):
+        entry = Deadline(time.monotonic() + seconds, next(self._serial),
+                         function, args)
+        with self._lock:
+            heapq.heappush(self._heap, entry)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run,
+                                                name="deadlines", daemon=True)
+                self._thread.start()
+            elif self._heap[0] is entry:
+                self._lock.notify()
+        return entry
+
+    def cancel(self, entry):
+        """Drop the entry; False when its function has run already."""
+        with self._lock:
+            entry.function = entry.args = None
+            return not entry.ran
+
+    def _run(self):
+        with self._lock:
+            while True:
+                if not self._heap:
+                    self._lock.wait()
+                    continue
+                delay = self._heap[0].when - time.monotonic()
+                if delay > 0:
+                    self._lock.wait(delay)
+                    continue
+                entry = heapq.heappop(self._heap)
+                if entry.function is not None:
+                    entry.ran = True
+                    try:
+                        entry.function(*entry.args)
+                    except Exception as e:
+                        log.err("Deadline function failed: %s" % e)
+                    entry.function = entry.args = None
+
+
+class LoginFailureLimit:
+    """--login_failure_limit: the times of the latest failed logins of each
+    client address, across connections.  At most MAX_FAILURE_ADDRESSES
+    addresses are kept, the one not seen longest dropped first, and each
+    keeps at most COUNT times."""
+
+    def __init__(self):
+        self._failures = collections.OrderedDict()   # address -> deque
+        self._lock = threading.Lock()
+
+    def blocked(self, address, limit):
+        """Whether `address` has failed COUNT times within SECONDS."""
+        now = time.monotonic()
+        with self._lock:
+            times = self._failures.get(address)
+            if times is None:
+                return False
+            while times and now - times[0] >= limit.seconds:
+                times.popleft()
+            if not times:
+                del self._failures[address]
+            return len(times) >= limit.count
+
+    def failed(self, address, limit):
+        with self._lock:
+            times = self._failures.pop(address, None)
+            if times is None or times.maxlen != limit.count:
+                times = collections.deque(times or (), limit.count)
+            times.append(time.monotonic())
+            self._failures[address] = times
+            if len(self._failures) > MAX_FAILURE_ADDRESSES:
+                self._failures.popitem(last=False)
+
+
 class Session:
     """One client connection: greeting, login loop, then the pump.
 
@@ -2367,7 +2503,7 @@ class Session:
                  "client_port", "server_ip", "server_port", "hostname",
                  "inetd_pid", "protocol", "user", "password", "authzid",
                  "backend", "attempts", "received", "sent", "tls_probe",
-                 "proxying")
+                 "proxying", "interrupted", "login_clock")
 
     def __init__(self, perdition, generation, sock, host, inetd_pid=None):
         self.perdition = perdition
@@ -2385,6 +2521,8 @@ class Session:
         self.received = self.sent = 0
         self.tls_probe = None
         self.proxying = False
+        self.interrupted = None     # why another thread ended the login
+        self.login_clock = None
 
     def run(self):
         config = self.config
@@ -2394,20 +2532,32 @@ class Session:
                                     % self.inetd_pid if self.inetd_pid
                                     else ""))
         server = None
-        self.perdition.enter(self)
+        from_address = self.perdition.enter(self)
         try:
+            if config.login_timeout:
+                self.login_clock = self.perdition.deadlines.add(
+                    config.login_timeout, self.interrupt, "Login timeout")
             self.client.sock.setsockopt(socket.IPPROTO_TCP,
                                         socket.TCP_NODELAY, 1)
             self.client.settimeout(config.authentication_timeout)
             if "ssl_listen" in config.ssl_mode:
                 self.client.start_tls(self.generation.listen_context, True)
+            limit = config.client_connection_limit
+            if limit and from_address > limit:
+                self.say_farewell("Too many connections from your address "
+                                  "(client_connection_limit %d)" % limit)
+                return
             self.reply(self.protocol.greeting(self.hostname))
             server = self.authenticate()
             if server is not None:
                 self.proxying = True
                 Pump(self, server).run()
         except (EOFError, ClientGone):
-            log.debug("%s: client closed the connection" % self.client_ip)
+            if self.interrupted:
+                self.say_farewell(self.interrupted)
+            else:
+                log.debug("%s: client closed the connection"
+                          % self.client_ip)
         except ProtocolError as e:
             self.say_farewell(str(e))
             self.client.linger()
@@ -2416,6 +2566,8 @@ class Session:
         except (OSError, ssl.SSLError) as e:
             log.info("%s: connection error: %s" % (self.client_ip, e))
         finally:
+            if self.login_clock is not None:
+                self.perdition.deadlines.cancel(self.login_clock)
             self.perdition.leave(self)
             if server is not None:
                 server.close()
@@ -2449,6 +2601,18 @@ class Session:
                 (self.server_ip, self.server_port) = addresses
         return True
 
+    def interrupt(self, reason):
+        """End the session before its login, from another thread (the
+        login clock): the reason is kept and the client's reading side
+        shut, which wakes the session's thread wherever it waits, for the
+        client or (watching it) for the real server; that thread then says
+        farewell with the reason."""
+        self.interrupted = reason
+        try:
+            self.client.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
     def say_farewell(self, reason):
         log.info("%s: %s" % (self.client_ip, reason))
         try:
@@ -2469,8 +2633,15 @@ class Session:
             self.authzid = credentials.authzid
             self.attempts += 1
             self.backend = None
+            limit = self.config.login_failure_limit
+            blocked = limit and self.perdition.failures.blocked(
+                self.client_ip, limit)
             try:
                 try:
+                    if blocked:
+                        raise LoginFailure(
+                            "login_failure_limit %d/%d reached" % limit,
+                            "Too many failed logins, try again later")
                     if self.perdition.pam is not None:
                         self.authenticate_locally()
                     self.backend = self.generation.selector.select(
@@ -2479,11 +2650,19 @@ class Session:
                 except (OSError, EOFError, ProtocolError, ssl.SSLError) as e:
                     raise LoginFailure("Server error: %s"
                                        % (e or type(e).__name__)) from None
+                if self.login_clock is not None and \
+                        not self.perdition.deadlines.cancel(self.login_clock):
+                    server.close()          # the clock ran out just now
+                    raise ClientGone
             except ClientGone:
-                self.log_auth("failed: client left during the login")
+                self.log_auth("failed: %s" % (self.interrupted or
+                                              "client left during the login"))
                 raise
             except LoginFailure as e:
                 self.log_auth("failed: %s" % e)
+                if limit and not blocked:
+                    self.perdition.failures.failed(self.client_ip, limit)
+                self.delay_failure()
                 self.reply(protocol.failure(e.client_text
                                             or "Authentication failed"))
                 continue
@@ -2500,6 +2679,15 @@ class Session:
         log.debug("Local authentication of %s as %s"
                   % (log_text(self.user), log_text(user)))
         self.perdition.pam.authenticate(user, self.password, self.client_ip)
+
+    def delay_failure(self):
+        """--auth_failure_delay: the answer to a failed login waits, in
+        this session's thread alone, so guessing passwords is slow."""
+        delay = self.config.auth_failure_delay
+        if delay:
+            log.info("%s: answering the failed login in %d s "
+                     "(auth_failure_delay)" % (self.client_ip, delay))
+            time.sleep(delay)
 
     def login(self):
         """Connect to the chosen server and log in: (connection, line).
@@ -3023,6 +3211,9 @@ class Perdition:
         self.workers = Workers()
         self.active = 0         # admitted connections
         self.sessions = set()   # sessions running, for relog and the stop
+        self.addresses = collections.Counter()     # sessions per client
+        self.deadlines = Deadlines()
+        self.failures = LoginFailureLimit()
         self.lock = threading.Lock()
 
     @property
@@ -3061,12 +3252,20 @@ class Perdition:
             generation.close()
 
     def enter(self, session):
+        """A session starts; returns how many its client's address now has
+        open, for --client_connection_limit."""
         with self.lock:
             self.sessions.add(session)
+            self.addresses[session.client_ip] += 1
+            return self.addresses[session.client_ip]
 
     def leave(self, session):
         with self.lock:
             self.sessions.discard(session)
+            address = session.client_ip
+            self.addresses[address] -= 1
+            if not self.addresses[address]:
+                del self.addresses[address]
 
     def relog(self, stop):
         """Log the Auth line of every proxied session again, every

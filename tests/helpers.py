@@ -77,7 +77,8 @@ class Perdition:
     proxy logging to a file:
 
         python3 perdition.py -P PROTOCOL --no_daemon -F LOGFILE
-            -b 127.0.0.1 -l PORT [-s 127.0.0.1:BACKEND_PORT -M ""] ARGS...
+            -b 127.0.0.1 -l PORT --auth_failure_delay 0
+            [-s 127.0.0.1:BACKEND_PORT -M ""] ARGS...
 
     where the outgoing server (with no popmap) is added only when
     *backend_port* is given.  Log, standard output and standard error go to
@@ -92,9 +93,11 @@ class Perdition:
         self.stdout_file = os.path.join(self.tmpdir, f"perdition-{n}.out")
         self.stderr_file = os.path.join(self.tmpdir, f"perdition-{n}.err")
         self.port = free_port()
+        # No --auth_failure_delay, as a test Dovecot has no
+        # auth_failure_delay: the tests of failures would wait seconds.
         self.args = [sys.executable, PERDITION, "-P", protocol, "--no_daemon",
                      "-F", self.log_file, "-b", "127.0.0.1",
-                     "-l", str(self.port)]
+                     "-l", str(self.port), "--auth_failure_delay", "0"]
         if backend_port is not None:
             self.args += ["-s", f"127.0.0.1:{backend_port}", "-M", ""]
         self.args += [str(a) for a in args]

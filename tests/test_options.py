@@ -74,6 +74,10 @@ SAMPLES = {
     "timeout": ("30", 30),
     "username": ("mail", "mail"),
     "username_from_database": FLAG,
+    "auth_failure_delay": ("3", 3),
+    "client_connection_limit": ("4", 4),
+    "login_failure_limit": ("5/60", perdition.Rate(5, 60)),
+    "login_timeout": ("90", 90),
     "proxy_protocol": ("10.0.0.0/8, 192.0.2.1,::1",
                        [ipaddress.ip_network("10.0.0.0/8"),
                         ipaddress.ip_network("192.0.2.1/32"),
@@ -258,6 +262,11 @@ def test_protocol_is_case_insensitive_and_sets_default_ports(name, protocol,
     (["--lower_case", "all,2"], "lower_case", "'2'"),
     (["--query_key", "\\u\\x"], "query_key", "\\x"),
     (["--debug=maybe"], "debug", "maybe"),
+    (["--login_failure_limit", "5"], "login_failure_limit", "COUNT/SECONDS"),
+    (["--login_failure_limit", "0/60"], "login_failure_limit", "'0/60'"),
+    (["--login_failure_limit", "5/-1"], "login_failure_limit", "'5/-1'"),
+    (["--auth_failure_delay", "1.5"], "auth_failure_delay", "1.5"),
+    (["--proxy_protocol", "10.0.0.0/33"], "proxy_protocol", "10.0.0.0/33"),
 ])
 def test_bad_value_names_the_option(args, option, reason):
     with pytest.raises(perdition.OptionError) as error:
