@@ -19,6 +19,7 @@ two protocols; the session; the pump; the server and main().
 """
 
 import _thread
+import binascii
 import collections
 import _strptime        # noqa: F401  imported now: after setuid the
 import encodings.idna   # noqa: F401  library may no longer be readable
@@ -378,10 +379,15 @@ OPTIONS = [
     Option("g", "group", "GROUP", "nobody", "Group to run as."),
     Option("h", "help", None, "", "Display this message.", FLAG),
     Option("I", "capability", "STRING", None,
-           lambda: "Capabilities: %s." % ", ".join(
-               '%s ones separated by %s (default "%s")'
-               % (cls.names[0].name, cls.separator_name,
-                  cls.default_capability) for cls in protocol_classes()),
+           lambda: "Capabilities: %s.  perdition adds and removes these "
+           "itself, as the connection's state says: %s." % (
+               ", ".join('%s ones separated by %s (default "%s")'
+                         % (cls.names[0].name, cls.separator_name,
+                            cls.default_capability)
+                         for cls in protocol_classes()),
+               "; ".join("%s: %s" % (cls.names[0].name, ", ".join(
+                   cls.managed_capabilities))
+                   for cls in protocol_classes())),
            parse_wire_text,
            aliases=("pop_capability", "imap_capability")),
     Option("i", "inetd_mode", None, "", "Run in inetd mode.", FLAG),
@@ -1871,6 +1877,7 @@ class Protocol:
     names = ()                  # ProtocolName rows, for the registry
     map_name = ""               # the protocol as the popmap is told it
     default_capability = ""
+    managed_capabilities = ()   # the words perdition adds and removes
     capability_separator = " "
     separator_name = "a space"  # for the help text
     start_tls_command = ""
@@ -1958,15 +1965,61 @@ class Protocol:
         return line
 
     def capabilities(self):
-        """The capability option, less what perdition adds, plus what it
-        offers now."""
-        added = self.added_capabilities()
+        """The capability option, less the words perdition adds and removes
+        itself (managed_capabilities), plus those of them that stand now
+        (added_capabilities says which)."""
+        stands = self.added_capabilities()
+        names = {c.split()[0] for c in self.managed_capabilities}
         words = [c for c in self.config.capability.split(
-            self.capability_separator) if c and c.upper() not in added]
-        return words + [c for c in added if added[c]]
+            self.capability_separator)
+            if c.strip() and c.split()[0].upper() not in names]
+        return words + [c for c in self.managed_capabilities if stands[c]]
 
     def plain_login_allowed(self):
+        """LOGIN, USER/PASS and SASL PLAIN are offered exactly when this
+        is true: not under --login_disabled, nor before TLS with
+        tls_listen_force."""
         return not self.session.login_refusal()
+
+    # -- SASL PLAIN (RFC 4616), the same for every protocol ------------------
+
+    def sasl_plain(self, response):
+        """The credentials of a SASL PLAIN exchange.  `response` is the
+        initial response ('=' for an empty one), or None: then the client
+        is asked for it with a continuation, and '*' cancels."""
+        session = self.session
+        if response is None:
+            session.reply(self.sasl_continuation, continuation=True)
+            response = session.read_client_bytes()
+            session.log_dialogue("client", response, True)
+            if response == b"*":
+                raise BadCommand("Authentication cancelled")
+        elif response == b"=":
+            response = b""
+        try:
+            message = binascii.a2b_base64(response, strict_mode=True)
+        except binascii.Error:
+            raise BadCommand("Invalid base64 in SASL response") from None
+        parts = message.split(b"\0")
+        if len(parts) != 3 or not parts[1] or not parts[2]:
+            raise BadCommand("Invalid SASL PLAIN message")
+        authzid, user, password = (part.decode("utf-8", "surrogateescape")
+                                   for part in parts)
+        return Credentials(user, password, "" if authzid == user else authzid)
+
+    @staticmethod
+    def sasl_plain_response(backend, credentials):
+        """The base64 PLAIN message for the real server: the authorisation
+        identity, if any, the user and password the back-end has."""
+        message = "\0".join((credentials.authzid, backend.user,
+                             backend.password))
+        return binascii.b2a_base64(message.encode(
+            "utf-8", "surrogateescape"), newline=False) or b"="
+
+    def no_authorisation_identity(self):
+        return LoginFailure("The real server does not offer SASL PLAIN, "
+                            "which could carry the authorisation identity",
+                            "Authorisation identity not supported")
 
 
 @register
@@ -1977,12 +2030,15 @@ class POP3(Protocol):
              ProtocolName("POP3S", 995, True, ("pop3s",)))
     map_name = "pop3"
     default_capability = "UIDL  USER"
+    managed_capabilities = ("STLS", "SASL PLAIN")
     capability_separator = "  "
     separator_name = "two spaces"
     start_tls_command = "STLS"
+    sasl_continuation = "+ "
     commands = command_table(
         Command("USER", "do_user", login_disabled=False),
         Command("PASS", "do_pass", login_disabled=False, credentials=True),
+        Command("AUTH", "do_auth", login_disabled=False, credentials=True),
         Command("CAPA", "do_capa"),
         Command("NOOP", "do_noop"),
         Command("STLS", "do_stls", after_tls=False),
@@ -2000,7 +2056,8 @@ class POP3(Protocol):
         return "+OK POP3 Ready %s" % hostname
 
     def added_capabilities(self):
-        return {"STLS": self.session.tls_offered()}
+        return {"STLS": self.session.tls_offered(),
+                "SASL PLAIN": self.plain_login_allowed()}
 
     def request(self, line):
         return line.decode("utf-8", "surrogateescape")
@@ -2026,6 +2083,19 @@ class POP3(Protocol):
         if self.user is None:
             raise BadCommand("USER must come before PASS")
         return Credentials(self.user, argument)
+
+    def do_auth(self, argument):
+        """RFC 5034; AUTH alone lists the mechanisms, as Dovecot does."""
+        words = argument.split()
+        if not words:
+            self.session.reply("+OK\r\nPLAIN\r\n.")
+        elif words[0].upper() != "PLAIN":
+            self.session.reply("-ERR Unsupported authentication mechanism")
+        elif len(words) > 2:
+            raise BadCommand("Too many arguments")
+        else:
+            return self.sasl_plain(words[1].encode("utf-8", "surrogateescape")
+                                   if len(words) == 2 else None)
 
     def do_capa(self, argument):
         self.session.reply("+OK Capability list follows\r\n" + "".join(
@@ -2073,23 +2143,66 @@ class POP3(Protocol):
         return None
 
     def server_capabilities(self, server):
+        """CAPA's words; the mechanisms of its SASL line as AUTH=<name>,
+        as IMAP names them."""
         session = self.session
         session.send_server(server, "CAPA")
         if not session.read_server_line(server).startswith("+OK"):
             return frozenset()
-        return frozenset(line.upper() for line in
-                         session.read_server_lines(server))
+        words = set()
+        for line in session.read_server_lines(server):
+            name, *arguments = line.upper().split() or [""]
+            words.add(name)
+            if name == "SASL":
+                words.update("AUTH=" + word for word in arguments)
+        return frozenset(words)
 
     def server_start_tls(self, server):
         self.command(server, "STLS")
 
     def server_login(self, server, capabilities, backend, credentials):
-        """Log in on the real server; returns its final +OK line."""
+        """USER/PASS as the C perdition does; AUTH PLAIN where the server
+        takes no USER but PLAIN (a CAPA without USER, or USER refused), or
+        an authorisation identity must be carried.  Returns the server's
+        final +OK line."""
+        if credentials.authzid or (capabilities is not None and
+                                   "USER" not in capabilities):
+            if capabilities is None:
+                capabilities = self.server_capabilities(server)
+            if "AUTH=PLAIN" in capabilities:
+                return self.server_auth_plain(server, backend, credentials)
+            if credentials.authzid:
+                raise self.no_authorisation_identity()
         if has_controls(backend.user) or has_controls(backend.password):
             raise LoginFailure("Control character in user name or password",
                                "Invalid user name or password")
-        self.command(server, "USER %s" % backend.user)
+        self.session.send_server(server, "USER %s" % backend.user)
+        answer = self.session.read_server_line(server)
+        if not answer.startswith("+OK"):
+            if capabilities is None:
+                capabilities = self.server_capabilities(server)
+            if "USER" in capabilities or "AUTH=PLAIN" not in capabilities:
+                raise LoginFailure("USER: %s" % answer)
+            return self.server_auth_plain(server, backend, credentials)
         return self.command(server, "PASS %s" % backend.password)
+
+    def server_auth_plain(self, server, backend, credentials):
+        """RFC 5034: the initial response on the AUTH line, unless that
+        would make it longer than 255 octets."""
+        session = self.session
+        response = self.sasl_plain_response(backend, credentials)
+        if len(response) <= 255 - len("AUTH PLAIN \r\n"):
+            session.send_server(server, b"AUTH PLAIN " + response)
+        else:
+            session.send_server(server, "AUTH PLAIN")
+            answer = session.read_server_line(server, True)
+            if not answer.startswith("+"):
+                raise LoginFailure("AUTH: %s" % answer)
+            session.send_server(server, response, True)
+        answer = session.read_server_line(server)
+        if not answer.startswith("+OK"):
+            raise LoginFailure("AUTH: %s" % answer)
+        return answer
 
 
 # RFC 3501 tag: ASTRING-CHAR but '+', i.e. no CTL, SP, ( ) { % * " \ ] +
@@ -2100,6 +2213,7 @@ IMAP_TAG_RE = re.compile(
 IMAP_ASTRING_RE = re.compile(rb'[^\x00-\x20(){"\\\x7f]+')
 IMAP_LITERAL_RE = re.compile(rb'\{(\d{1,10})(\+?)\}\Z')
 IMAP_QUOTABLE_RE = re.compile(rb'[\x20-\x7e]*\Z')
+ID_MAX_PAIRS, ID_MAX_KEY, ID_MAX_VALUE = 30, 30, 1024  # RFC 2971 section 3.3
 
 
 class IMAPReader:
@@ -2142,6 +2256,26 @@ class IMAPReader:
         if self.rest.startswith(b'"') or IMAP_LITERAL_RE.match(self.rest):
             return self.string()
         return self.atom()
+
+    def nil(self):
+        """True, past it, if NIL comes next."""
+        if self.rest[:3].upper() == b"NIL" and \
+                self.rest[3:4] in (b"", b" ", b")"):
+            self.rest = self.rest[3:]
+            return True
+        return False
+
+    def open_list(self):
+        if not self.rest.startswith(b"("):
+            raise BadCommand("Invalid argument")
+        self.rest = self.rest[1:]
+
+    def close_list(self):
+        """True, past it, if a ')' comes next."""
+        if self.rest.startswith(b")"):
+            self.rest = self.rest[1:]
+            return True
+        return False
 
     def string(self):
         """A quoted string or a literal."""
@@ -2217,13 +2351,17 @@ class IMAP4(Protocol):
              ProtocolName("IMAP4S", 993, True, ("imap4s", "imaps")))
     map_name = "imap"
     default_capability = "IMAP4 IMAP4REV1"
+    managed_capabilities = ("ID", "STARTTLS", "LOGINDISABLED", "AUTH=PLAIN",
+                            "SASL-IR")
     start_tls_command = "STARTTLS"
+    sasl_continuation = "+ "
     commands = command_table(
         Command("CAPABILITY", "do_capability"),
         Command("NOOP", "do_noop"),
         Command("LOGIN", "do_login", login_disabled=False, credentials=True),
         Command("AUTHENTICATE", "do_authenticate", login_disabled=False,
                 credentials=True),
+        Command("ID", "do_id"),
         Command("STARTTLS", "do_starttls", after_tls=False),
         Command("LOGOUT", "do_logout"))
     verb_word = 1
@@ -2242,8 +2380,10 @@ class IMAP4(Protocol):
 
     def added_capabilities(self):
         session = self.session
-        return {"STARTTLS": session.tls_offered(),
-                "LOGINDISABLED": not self.plain_login_allowed()}
+        plain = self.plain_login_allowed()
+        return {"ID": True, "STARTTLS": session.tls_offered(),
+                "LOGINDISABLED": not plain, "AUTH=PLAIN": plain,
+                "SASL-IR": plain}
 
     def tagged(self, text):
         return self.tag.decode("ascii") + " " + text
@@ -2290,9 +2430,46 @@ class IMAP4(Protocol):
         self.session.start_tls_listen()
 
     def do_authenticate(self, arguments):
-        arguments.skip()
-        self.session.reply(self.tagged("NO AUTHENTICATE mechanism not "
-                                       "supported, use LOGIN"))
+        """SASL PLAIN, with the initial response (RFC 4959) or without."""
+        arguments.space()
+        mechanism = arguments.atom()
+        if mechanism.upper() != b"PLAIN":
+            arguments.skip()
+            self.session.reply(self.tagged("NO Unsupported authentication "
+                                           "mechanism"))
+            return None
+        response = None
+        if not arguments.at_end():
+            arguments.space()
+            response = arguments.atom()
+        arguments.end()
+        return self.sasl_plain(response)
+
+    def do_id(self, arguments):
+        """RFC 2971: the client's list (or NIL) is read, bounded, and
+        perdition says who it is."""
+        arguments.space()
+        if arguments.nil():
+            arguments.end()
+        else:
+            arguments.open_list()
+            pairs = 0
+            while not arguments.close_list():
+                if pairs:
+                    arguments.space()
+                key = arguments.string()
+                arguments.space()
+                value = None if arguments.nil() else arguments.string()
+                pairs += 1
+                if pairs > ID_MAX_PAIRS or len(key) > ID_MAX_KEY or \
+                        value is not None and len(value) > ID_MAX_VALUE:
+                    raise BadCommand("ID: at most %d pairs, keys of %d "
+                                     "bytes, values of %d" % (
+                                         ID_MAX_PAIRS, ID_MAX_KEY,
+                                         ID_MAX_VALUE))
+            arguments.end()
+        self.session.reply('* ID ("name" "perdition")\r\n'
+                           + self.tagged("OK ID completed"))
 
     def do_login(self, arguments):
         user = arguments.astring()
@@ -2368,16 +2545,48 @@ class IMAP4(Protocol):
             raise LoginFailure("STARTTLS: %s" % answer)
 
     def server_login(self, server, capabilities, backend, credentials):
-        """RFC 3501: no LOGIN where the server says LOGINDISABLED."""
+        """LOGIN as the C perdition does; AUTHENTICATE PLAIN where the
+        server says LOGINDISABLED (RFC 3501: then no LOGIN) but offers
+        PLAIN, or an authorisation identity must be carried."""
         if capabilities is None:
             capabilities = self.server_capabilities(server)
-        if "LOGINDISABLED" in capabilities:
+        if credentials.authzid or "LOGINDISABLED" in capabilities:
+            if "AUTH=PLAIN" in capabilities:
+                return self.server_authenticate_plain(
+                    server, capabilities, backend, credentials)
+            if credentials.authzid:
+                raise self.no_authorisation_identity()
             raise LoginFailure("Server has LOGINDISABLED")
         answer = self.server_command(
             server, [b"LOGIN", backend.user, backend.password])
         if not answer.startswith("OK"):
             raise LoginFailure("LOGIN: %s" % answer)
         return answer
+
+    def server_authenticate_plain(self, server, capabilities, backend,
+                                  credentials):
+        """With the initial response where the server has SASL-IR."""
+        session = self.session
+        response = self.sasl_plain_response(backend, credentials)
+        self.server_tag += 1
+        tag = "P%d" % self.server_tag
+        if "SASL-IR" in capabilities:
+            session.send_server(server, tag.encode() +
+                                b" AUTHENTICATE PLAIN " + response)
+        else:
+            session.send_server(server, tag + " AUTHENTICATE PLAIN")
+            answer = session.read_server_line(server, True)
+            if not answer.startswith("+"):
+                raise LoginFailure("AUTHENTICATE: %s" % answer)
+            session.send_server(server, response, True)
+        for answer in session.server_lines(server):
+            if answer.startswith(tag + " "):
+                answer = answer[len(tag) + 1:]
+                if not answer.startswith("OK"):
+                    raise LoginFailure("AUTHENTICATE: %s" % answer)
+                return answer
+            if answer.startswith("+"):  # PLAIN has one step only
+                raise LoginFailure("AUTHENTICATE: a second challenge")
 
 
 # ---------------------------------------------------------------------------
@@ -2754,8 +2963,8 @@ class Session:
     def read_client_line(self):
         return self.read_client_bytes().decode("utf-8", "surrogateescape")
 
-    def reply(self, text):
-        self.log_dialogue("perdition", text)
+    def reply(self, text, continuation=False):
+        self.log_dialogue("perdition", text, continuation)
         self.client.sendall(text.encode("utf-8", "surrogateescape")
                             + b"\r\n")
 

@@ -15,6 +15,8 @@ sys.path.insert(0, ROOT)
 import perdition  # noqa: E402
 
 BEGIN, END = ".\\\" BEGIN OPTIONS\n", ".\\\" END OPTIONS\n"
+PROTOCOLS_BEGIN = ".\\\" BEGIN PROTOCOLS\n"
+PROTOCOLS_END = ".\\\" END PROTOCOLS\n"
 
 
 def roff(text):
@@ -43,6 +45,28 @@ def man_options():
     return "".join(lines)
 
 
+def man_protocols():
+    """Each protocol of the registry: its -P names, ports, program names,
+    the commands it takes before login and the capabilities it manages."""
+    lines = []
+    for cls in perdition.protocol_classes():
+        names = [e for e in perdition.PROTOCOLS.values()
+                 if e.protocol_class is cls]
+        lines.append(".TP\n%s\n" % ", ".join("\\fB%s\\fR" % e.name
+                                              for e in names))
+        lines.append(roff(
+            "Listening and outgoing ports: %s.  Invoked as %s.  Commands "
+            "before login: %s.  The capabilities perdition adds and removes "
+            "itself, as the connection's state says: %s.\n" % (
+                ", ".join("%s %d%s" % (e.name, e.port, " (SSL from the "
+                                       "start: ssl_all)" if e.ssl else "")
+                          for e in names),
+                perdition.or_list(("perdition." + program
+                                   for e in names for program in e.programs)),
+                ", ".join(cls.commands), ", ".join(cls.managed_capabilities))))
+    return "".join(lines)
+
+
 def sample_config():
     lines = ["# perdition.conf -- sample configuration, made from perdition's",
              "# option table by man/generate.py.  Each line is <key> <value>;",
@@ -67,10 +91,13 @@ def main():
     page = os.path.join(ROOT, "man", "perdition.8")
     with open(page) as f:
         text = f.read()
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
+    for begin, end, make in ((BEGIN, END, man_options),
+                             (PROTOCOLS_BEGIN, PROTOCOLS_END, man_protocols)):
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
+        text = head + begin + make() + end + tail
     with open(page, "w") as f:
-        f.write(head + BEGIN + man_options() + END + tail)
+        f.write(text)
     with open(os.path.join(ROOT, "perdition.conf.sample"), "w") as f:
         f.write(sample_config())
 

@@ -27,6 +27,21 @@ def test_man_page_and_sample_are_generated_from_the_table():
     begin = page.index(generate.BEGIN) + len(generate.BEGIN)
     assert page[begin:page.index(generate.END)] == generate.man_options()
     assert read("perdition.conf.sample") == generate.sample_config()
+    begin = page.index(generate.PROTOCOLS_BEGIN) + len(
+        generate.PROTOCOLS_BEGIN)
+    assert page[begin:page.index(generate.PROTOCOLS_END)] == \
+        generate.man_protocols()
+
+
+def test_man_page_names_every_protocol_of_the_registry():
+    page = read("man", "perdition.8")
+    for name, entry in perdition.PROTOCOLS.items():
+        assert "\\fB%s\\fR" % name in page
+        for program in entry.programs:
+            assert "perdition.%s" % program in page
+    for cls in perdition.protocol_classes():
+        for word in cls.managed_capabilities:
+            assert generate.roff(word) in page
 
 
 def test_help_is_the_usage_text():

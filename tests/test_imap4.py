@@ -166,7 +166,8 @@ def test_default_capability(imap):
     with greeted(imap.port) as client:
         client.send(b"c1 CAPABILITY\r\n")
         lines = response(client, b"c1")
-        assert lines[0] == b"* CAPABILITY IMAP4 IMAP4REV1\r\n"
+        assert lines[0] == \
+            b"* CAPABILITY IMAP4 IMAP4REV1 ID AUTH=PLAIN SASL-IR\r\n"
         assert lines[1].startswith(b"c1 OK ") and len(lines) == 2
 
 
@@ -174,7 +175,7 @@ def test_capability_from_option(custom):
     with greeted(custom.port, UNAME_GREETING) as client:
         client.send(b"c1 capability\r\n")
         assert response(client, b"c1")[0] == \
-            b"* CAPABILITY IMAP4REV1 LITERAL+ ID\r\n"
+            b"* CAPABILITY IMAP4REV1 LITERAL+ ID AUTH=PLAIN SASL-IR\r\n"
 
 
 def test_noop_and_logout(imap):
@@ -214,14 +215,12 @@ def test_a_login_with_a_bad_tag_is_not_executed(imap):
     with greeted(imap.port) as client:
         client.send(b"a( LOGIN user11 pw11\r\n")
         assert client.readline().startswith(b"* BAD ")
-        client.send(b"c1 CAPABILITY\r\n")
-        assert response(client, b"c1")[0] == \
-            b"* CAPABILITY IMAP4 IMAP4REV1\r\n"
+        assert command(client, b"c1 NOOP").startswith(b"c1 OK ")
     assert 'user="user11"' not in imap.log()
 
 
 @pytest.mark.parametrize("line", [b"SELECT INBOX", b"STATUS INBOX (MESSAGES)",
-                                  b"ID NIL", b"FOO"])
+                                  b"XID NIL", b"FOO"])
 def test_unknown_commands_get_bad(imap, line):
     with greeted(imap.port) as client:
         reply = command(client, b"u1 " + line)
@@ -229,8 +228,8 @@ def test_unknown_commands_get_bad(imap, line):
 
 
 @pytest.mark.parametrize("args, expected", [
-    ([], b"CAPABILITY, NOOP, LOGIN, AUTHENTICATE or LOGOUT"),
-    (["--login_disabled"], b"CAPABILITY, NOOP or LOGOUT")])
+    ([], b"CAPABILITY, NOOP, LOGIN, AUTHENTICATE, ID or LOGOUT"),
+    (["--login_disabled"], b"CAPABILITY, NOOP, ID or LOGOUT")])
 def test_the_valid_commands_named_are_those_allowed_now(
         perdition_factory, dovecot, args, expected):
     proxy = perdition_factory(args, "IMAP4", dovecot.imap_port)
@@ -268,11 +267,14 @@ def test_a_refused_command_swallows_its_non_synchronising_literal(imap,
         assert client.readline().startswith(b"u3 OK ")
 
 
-def test_authenticate_swallows_its_non_synchronising_literal(imap):
+@pytest.mark.parametrize("mechanism, answer", [(b"PLAIN", b"u1 BAD "),
+                                               (b"CRAM-MD5", b"u1 NO ")])
+def test_authenticate_swallows_its_non_synchronising_literal(imap, mechanism,
+                                                             answer):
     with greeted(imap.port) as client:
-        client.send(b"u1 AUTHENTICATE PLAIN {10+}\r\nu2 LOGOUT\r\n"
-                    b"u3 NOOP\r\n")
-        assert client.readline().startswith(b"u1 NO ")
+        client.send(b"u1 AUTHENTICATE %s {10+}\r\nu2 LOGOUT\r\n"
+                    b"u3 NOOP\r\n" % mechanism)
+        assert client.readline().startswith(answer)
         assert client.readline().startswith(b"u3 OK ")
 
 
@@ -285,10 +287,12 @@ def test_login_disabled_asks_for_no_literal(perdition_factory, dovecot):
     assert 'user="bob"' not in proxy.log()
 
 
-def test_authenticate_is_refused_with_no(imap):
+@pytest.mark.parametrize("mechanism", [b"CRAM-MD5", b"LOGIN", b"XOAUTH2",
+                                       b"SCRAM-SHA-256 biwsbj1ib2I="])
+def test_other_mechanisms_are_refused_with_no(imap, mechanism):
     with greeted(imap.port) as client:
-        assert command(client, b"a1 AUTHENTICATE PLAIN").startswith(
-            b"a1 NO ")
+        assert command(client, b"a1 AUTHENTICATE " + mechanism) == \
+            b"a1 NO Unsupported authentication mechanism\r\n"
         assert login(client) == b"L1 OK You are so in\r\n"
 
 

@@ -802,35 +802,46 @@ def test_openssl_s_client_starttls(protocol, mode_proxies, pki, dovecot):
 # The listening side: capabilities, forced TLS, login_disabled
 # ---------------------------------------------------------------------------
 
-IMAP = ["IMAP4", "IMAP4REV1"]
+# What perdition adds: ID always; the SASL words exactly when a plaintext
+# login is allowed, where LOGINDISABLED does not stand.
+IMAP = ["IMAP4", "IMAP4REV1", "ID"]
 POP = ["UIDL", "USER"]
+IMAP_SASL = IMAP + ["AUTH=PLAIN", "SASL-IR"]
+POP_SASL = POP + ["SASL PLAIN"]
 
 
 @pytest.mark.parametrize("protocol, mode, extra, before, after", [
-    ("IMAP4", "none", [], IMAP, None),
+    ("IMAP4", "none", [], IMAP_SASL, None),
     ("IMAP4", "none", ["-I", "IMAP4 IMAP4REV1 STARTTLS LOGINDISABLED"],
-     IMAP, None),
-    ("IMAP4", "ssl_listen", [], IMAP, None),
-    ("IMAP4", "tls_listen", [], IMAP + ["STARTTLS"], IMAP),
+     IMAP_SASL, None),
+    ("IMAP4", "ssl_listen", [], IMAP_SASL, None),
+    ("IMAP4", "tls_listen", [], IMAP_SASL + ["STARTTLS"], IMAP_SASL),
     ("IMAP4", "tls_listen", ["-I", "IMAP4 IMAP4REV1 STARTTLS LITERAL+"],
-     IMAP + ["LITERAL+", "STARTTLS"], IMAP + ["LITERAL+"]),
+     IMAP_SASL + ["LITERAL+", "STARTTLS"], IMAP_SASL + ["LITERAL+"]),
+    ("IMAP4", "tls_listen", ["-I", "IMAP4 IMAP4REV1 AUTH=PLAIN SASL-IR"],
+     IMAP_SASL + ["STARTTLS"], IMAP_SASL),
     ("IMAP4", "tls_listen_force", [], IMAP + ["STARTTLS", "LOGINDISABLED"],
-     IMAP),
+     IMAP_SASL),
+    ("IMAP4", "tls_listen_force", ["-I", "IMAP4 IMAP4REV1 AUTH=PLAIN"],
+     IMAP + ["STARTTLS", "LOGINDISABLED"], IMAP_SASL),
     ("IMAP4", "tls_all_force", [], IMAP + ["STARTTLS", "LOGINDISABLED"],
-     IMAP),
+     IMAP_SASL),
     # Forced TLS towards the server does not stop the client logging in.
-    ("IMAP4", "tls_outgoing_force", [], IMAP, None),
+    ("IMAP4", "tls_outgoing_force", [], IMAP_SASL, None),
     ("IMAP4", "none", ["--login_disabled"], IMAP + ["LOGINDISABLED"], None),
     ("IMAP4", "tls_listen", ["--login_disabled"],
      IMAP + ["STARTTLS", "LOGINDISABLED"], IMAP + ["LOGINDISABLED"]),
-    ("POP3", "none", [], POP, None),
-    ("POP3", "none", ["-I", "UIDL  USER  STLS"], POP, None),
-    ("POP3", "ssl_listen", [], POP, None),
-    ("POP3", "tls_listen", [], POP + ["STLS"], POP),
-    ("POP3", "tls_listen", ["-I", "UIDL  STLS  USER"], POP + ["STLS"], POP),
-    ("POP3", "tls_listen_force", [], POP + ["STLS"], POP),
+    ("POP3", "none", [], POP_SASL, None),
+    ("POP3", "none", ["-I", "UIDL  USER  STLS"], POP_SASL, None),
+    ("POP3", "ssl_listen", [], POP_SASL, None),
+    ("POP3", "tls_listen", [], POP_SASL + ["STLS"], POP_SASL),
+    ("POP3", "tls_listen", ["-I", "UIDL  STLS  USER"], POP_SASL + ["STLS"],
+     POP_SASL),
+    ("POP3", "tls_listen_force", [], POP + ["STLS"], POP_SASL),
+    ("POP3", "tls_listen_force", ["-I", "UIDL  USER  SASL PLAIN"],
+     POP + ["STLS"], POP_SASL),
     ("POP3", "tls_listen", ["--login_disabled"], POP + ["STLS"], POP),
-    ("POP3", "tls_outgoing_force", [], POP, None),
+    ("POP3", "tls_outgoing_force", [], POP_SASL, None),
 ])
 def test_capabilities(protocol, mode, extra, before, after, proxies, pki,
                       dovecot):
