@@ -69,6 +69,9 @@ PROXY_HEADER_MAX = 536          # the TCP segment every host takes, which
 THREAD_STACK_SIZE = 256 * 1024  # so that thousands of sessions fit
 MAX_FAILURE_ADDRESSES = 65536   # client addresses --login_failure_limit
                                 # follows at once: a flood cannot grow it
+STOP_WAIT = 5.0                 # seconds for ended sessions to close
+STATUS_INTERVAL = 5.0           # how often STATUS= follows the session count
+RELOG_RECHECK = 60              # seconds between looks at --connect_relog 0
 
 
 class OptionError(Exception):
@@ -440,8 +443,12 @@ OPTIONS = [
            "Servers for users not in the popmap, host[:port], used in round "
            "robin.", parse_servers),
     Option(None, "pid_file", "FILENAME", None,
-           "Pid file, a full path; empty for none (default "
+           "Pid file, a full path, written outside inetd mode (in the "
+           "foreground too) and removed at exit; empty for none (default "
            "<var_state_dir>/<basename>/<basename>.pid).", parse_pid_file),
+    Option(None, "shutdown_timeout", "SECONDS", "10",
+           "On SIGTERM or SIGINT, how long established sessions may run on "
+           "before they are ended; 0 to end them at once.", parse_seconds),
     Option("S", "strip_domain", "STATE[,STATE...]", "",
            "Strip <delimiter>domain from the user name in the given states.",
            parse_states),
@@ -645,11 +652,23 @@ def split_config_line(chars):
     return key, value
 
 
-class Config:
-    """The parsed options: one attribute per long option name."""
+# Options that only a restart can change: a reload keeps their values.
+RESTART_ONLY = ("protocol", "bind_address", "listen_port", "username",
+                "group", "inetd_mode", "no_daemon", "pid_file",
+                "authenticate_in")
 
-    def __init__(self, argv=None):
+
+class Config:
+    """The parsed options: one attribute per long option name.
+
+    A reload reads the same `config_file` again, and `kept` holds the
+    RESTART_ONLY values of the running configuration, which win over the
+    file and the command line.
+    """
+
+    def __init__(self, argv=None, config_file=None, kept=None):
         argv = sys.argv if argv is None else argv
+        self.argv = argv
         self.basename = program_name(argv[0] if argv else "perdition")
         command_line = parse_command_line(argv[1:])
         self.set_defaults()
@@ -663,12 +682,26 @@ class Config:
         protocol = given.get("protocol") or protocol_for_program(
             self.basename.partition(".")[2])
         self.protocol = protocol
-        self.config_file = self.find_config_file(given.get("config_file"))
+        self.config_file = self.find_config_file(given.get("config_file")) \
+            if config_file is None else config_file
         if self.config_file:
             self.read_file(self.config_file)
             for option, value in command_line:  # the command line wins
                 self.apply(option, value, "option %s" % option.names)
+        for name, value in (kept or {}).items():
+            setattr(self, name, value)
         self.derive()
+
+    def reread(self):
+        """A new reading of the file found at start-up, with the command
+        line over it; returns it and the RESTART_ONLY options the new
+        reading would change, which keep their running values."""
+        config = Config(self.argv, self.config_file)
+        kept = {name: getattr(self, name) for name in RESTART_ONLY
+                if getattr(config, name) != getattr(self, name)}
+        if kept:
+            config = Config(self.argv, self.config_file, kept)
+        return config, kept
 
     def set_defaults(self):
         for option in OPTIONS:
@@ -825,29 +858,67 @@ class Log:
         self.debug_enabled = False
         self.quiet = False
         self.lock = threading.Lock()
+        self.facility = self.output = None      # as -F says, once read
         self._second = None
         self._stamp = ""
 
     def configure(self, config):
-        self.ident = config.basename
-        self.debug_enabled = config.debug
-        self.quiet = config.quiet and not config.debug
+        self.switch(config, self.open(config))
+
+    def reopen(self, config):
+        """On a reload: config's levels, and -F opened anew if it names
+        something else now or logrotate moved the file away.  A file still
+        in its place is kept, since perdition, no longer root, may not be
+        able to open it again; if what is needed cannot be opened, the
+        log stays where it is and says why."""
+        facility = config.log_facility
+        try:
+            if facility != self.facility or facility.startswith("/") and \
+                    not os.path.samestat(os.stat(facility),
+                                         os.fstat(self.stream.fileno())):
+                self.switch(config, self.open(config))
+                return
+        except (OSError, OptionError) as e:
+            self.err("Cannot reopen the log, still logging as before: %s"
+                     % (e if isinstance(e, OptionError) else
+                        "%s: %s" % (facility, e.strerror)))
+        self.switch(config, self.output)
+
+    @staticmethod
+    def open(config):
+        """What -F names: a stream, or a syslog facility (an int).  A file
+        is opened anew each time, so that a reload after logrotate renamed
+        it writes to a new file of that name."""
         facility = config.log_facility
         if facility == "-":
-            self.stream = sys.stdout
-        elif facility == "+":
-            self.stream = sys.stderr
-        elif facility.startswith("/"):
+            return sys.stdout
+        if facility == "+":
+            return sys.stderr
+        if facility.startswith("/"):
             try:
-                self.stream = open(facility, "a", buffering=1,
-                                   encoding="utf-8", errors="replace")
+                return open(facility, "a", buffering=1, encoding="utf-8",
+                            errors="replace")
             except OSError as e:
                 raise OptionError("option -F, --log_facility: %s: %s"
                                   % (facility, e.strerror)) from None
-        else:
-            self.use_syslog = True
-            syslog.openlog(self.ident, syslog.LOG_PID,
-                           getattr(syslog, "LOG_" + facility.upper()))
+        return getattr(syslog, "LOG_" + facility.upper())
+
+    def switch(self, config, output):
+        """Log to `output` (from open()) at config's levels from now on;
+        a file logged to before is closed."""
+        self.ident = config.basename
+        self.debug_enabled = config.debug
+        self.quiet = config.quiet and not config.debug
+        self.facility, self.output = config.log_facility, output
+        use_syslog = isinstance(output, int)
+        if use_syslog:
+            syslog.openlog(self.ident, syslog.LOG_PID, output)
+        with self.lock:
+            old = self.stream
+            self.stream = sys.stderr if use_syslog else output
+            self.use_syslog = use_syslog
+        if old not in (self.stream, sys.stdout, sys.stderr):
+            old.close()
 
     def write(self, priority, message):
         if self.use_syslog:
@@ -2702,6 +2773,34 @@ class LoginFailureLimit:
                 self._failures.popitem(last=False)
 
 
+def environment_address(side):
+    """(ip, port) from ucspi-tcp's TCP<side>IP and TCP<side>PORT; an
+    empty string for what is not set or not valid."""
+    ip = os.environ.get("TCP%sIP" % side, "")
+    port = os.environ.get("TCP%sPORT" % side, "")
+    try:
+        ip = plain_address((str(ipaddress.ip_address(ip)), None))[0]
+    except ValueError:
+        ip = ""
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        return ip, ""
+    return ip, int(port)
+
+
+def connection_addresses(sock):
+    """(client_ip, client_port, server_ip, server_port) of a connection.
+
+    A peer without an IP address (a UNIX-domain socket under -i: stunnel's
+    exec, socat, a supervisor's socketpair) is what tcpserver put in
+    TCPREMOTEIP/TCPREMOTEPORT and TCPLOCALIP/TCPLOCALPORT, else empty: the
+    log says unknown and the query-key escapes are empty."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        return plain_address(sock.getpeername()) \
+            + plain_address(sock.getsockname())
+    sock.getpeername()          # connected, or OSError
+    return environment_address("REMOTE") + environment_address("LOCAL")
+
+
 class Session:
     """One client connection: greeting, login loop, then the pump.
 
@@ -2712,15 +2811,15 @@ class Session:
                  "client_port", "server_ip", "server_port", "hostname",
                  "inetd_pid", "protocol", "user", "password", "authzid",
                  "backend", "attempts", "received", "sent", "tls_probe",
-                 "proxying", "interrupted", "login_clock")
+                 "server", "proxying", "interrupted", "login_clock")
 
     def __init__(self, perdition, generation, sock, host, inetd_pid=None):
         self.perdition = perdition
         self.generation = generation        # kept to the session's end
         self.config = generation.config
         self.client = Connection(sock)
-        self.client_ip, self.client_port = plain_address(sock.getpeername())
-        self.server_ip, self.server_port = plain_address(sock.getsockname())
+        self.client_ip, self.client_port, self.server_ip, self.server_port = \
+            connection_addresses(sock)
         self.hostname = generation.hostnames[host]
         self.inetd_pid = inetd_pid
         self.protocol = perdition.protocol_class(self)
@@ -2729,15 +2828,21 @@ class Session:
         self.attempts = 0
         self.received = self.sent = 0
         self.tls_probe = None
+        self.server = None          # the real server's, once proxying
         self.proxying = False
         self.interrupted = None     # why another thread ended the login
         self.login_clock = None
+
+    @property
+    def client_name(self):
+        """The client as the log names it."""
+        return self.client_ip or "unknown"
 
     def run(self):
         config = self.config
         if config.proxy_protocol and not self.take_proxy_header():
             return
-        log.info("Connect: %s%s" % (self.client_ip, "[inetd_pid=%d]"
+        log.info("Connect: %s%s" % (self.client_name, "[inetd_pid=%d]"
                                     % self.inetd_pid if self.inetd_pid
                                     else ""))
         server = None
@@ -2746,8 +2851,9 @@ class Session:
             if config.login_timeout:
                 self.login_clock = self.perdition.deadlines.add(
                     config.login_timeout, self.interrupt, "Login timeout")
-            self.client.sock.setsockopt(socket.IPPROTO_TCP,
-                                        socket.TCP_NODELAY, 1)
+            if self.client.sock.family != socket.AF_UNIX:
+                self.client.sock.setsockopt(socket.IPPROTO_TCP,
+                                            socket.TCP_NODELAY, 1)
             self.client.settimeout(config.authentication_timeout)
             if "ssl_listen" in config.ssl_mode:
                 self.client.start_tls(self.generation.listen_context, True)
@@ -2759,6 +2865,7 @@ class Session:
             self.reply(self.protocol.greeting(self.hostname))
             server = self.authenticate()
             if server is not None:
+                self.server = server        # before proxying: see end()
                 self.proxying = True
                 Pump(self, server).run()
         except (EOFError, ClientGone):
@@ -2766,14 +2873,14 @@ class Session:
                 self.say_farewell(self.interrupted)
             else:
                 log.debug("%s: client closed the connection"
-                          % self.client_ip)
+                          % self.client_name)
         except ProtocolError as e:
             self.say_farewell(str(e))
             self.client.linger()
         except TimeoutError:
             self.say_farewell("Idle timeout")
         except (OSError, ssl.SSLError) as e:
-            log.info("%s: connection error: %s" % (self.client_ip, e))
+            log.info("%s: connection error: %s" % (self.client_name, e))
         finally:
             if self.login_clock is not None:
                 self.perdition.deadlines.cancel(self.login_clock)
@@ -2782,8 +2889,19 @@ class Session:
                 server.close()
             self.client.close()
             log.info('Close: %s user="%s" received=%d sent=%d'
-                     % (self.client_ip, log_text(self.user), self.received,
-                        self.sent))
+                     % (self.client_name, log_text(self.user),
+                        self.received, self.sent))
+
+    def end(self):
+        """The stop's grace period is over: a session still before login is
+        interrupted, and says farewell; a proxied one is shut down both
+        ways.  Called from the main thread holding Perdition.lock, which
+        the session takes before it closes its sockets."""
+        if self.proxying:
+            self.client.shutdown()
+            self.server.shutdown()
+        else:
+            self.interrupt("Server shutting down")
 
     def take_proxy_header(self):
         """--proxy_protocol: the client's (and the address it connected
@@ -2823,7 +2941,7 @@ class Session:
             pass
 
     def say_farewell(self, reason):
-        log.info("%s: %s" % (self.client_ip, reason))
+        log.info("%s: %s" % (self.client_name, reason))
         try:
             self.client.settimeout(1)
             self.reply(self.protocol.farewell(reason))
@@ -2895,7 +3013,7 @@ class Session:
         delay = self.config.auth_failure_delay
         if delay:
             log.info("%s: answering the failed login in %d s "
-                     "(auth_failure_delay)" % (self.client_ip, delay))
+                     "(auth_failure_delay)" % (self.client_name, delay))
             time.sleep(delay)
 
     def login(self):
@@ -2949,7 +3067,7 @@ class Session:
             (mode == "fail" and status != "ok")
         backend = self.backend
         log.info('Auth: %s user="%s" passwd="%s" server="%s" port="%s" '
-                 'status=%s' % (self.client_ip, log_text(self.user),
+                 'status=%s' % (self.client_name, log_text(self.user),
                                 log_text(self.password) if show else "XXXXXX",
                                 log_text(backend.host) if backend else "",
                                 backend.port if backend else "",
@@ -2977,7 +3095,8 @@ class Session:
                 text = text.decode("utf-8", "surrogateescape")
             if self.config.log_passwd != "always":
                 text = self.protocol.redact(text, continuation)
-            log.debug("%s %s: %s" % (self.client_ip, who, log_text(text)))
+            log.debug("%s %s: %s" % (self.client_name, who,
+                                     log_text(text)))
 
     def tls_offered(self):
         return "tls_listen" in self.config.ssl_mode and self.client.tls is None
@@ -3260,9 +3379,9 @@ class Pump:
             if source is self.client:
                 how = socket.SHUT_WR
         except TimeoutError:
-            log.info("%s: idle timeout" % self.session.client_ip)
+            log.info("%s: idle timeout" % self.session.client_name)
         except (OSError, ssl.SSLError, ValueError) as e:
-            log.debug("%s: %s" % (self.session.client_ip, e))
+            log.debug("%s: %s" % (self.session.client_name, e))
         finally:
             destination.shutdown(how)
             if how == socket.SHUT_RDWR:
@@ -3424,6 +3543,8 @@ class Perdition:
         self.deadlines = Deadlines()
         self.failures = LoginFailureLimit()
         self.lock = threading.Lock()
+        self.ending = False     # the stop ends every session, late ones too
+        self.wake = None        # during a stop: told when the last one ends
 
     @property
     def config(self):
@@ -3432,13 +3553,34 @@ class Perdition:
         return self.generation.config
 
     def reload(self):
-        generation = self.generation
-        if generation.popmap is not None:
-            try:
-                generation.popmap.reload()
-                log.info("Reloaded the popmap")
-            except Exception as e:
-                log.err("Reloading the popmap failed: %s" % e)
+        """Read the configuration again and swap a new generation in (a
+        failure changes nothing), then reopen the log."""
+        old = self.generation
+        try:
+            config, kept = old.config.reread()
+            generation = Generation(config, self.hosts, old.number + 1)
+        except Exception as e:      # OptionError names the FILE:LINE
+            log.err("Reload failed, keeping generation %d: %s"
+                    % (old.number, e))
+            return
+        with self.lock:
+            self.generation = generation
+        self.retire(old)
+        log.reopen(config)
+        for name, value in kept.items():
+            log.err("Reload: option --%s cannot change without a restart; "
+                    "keeping %s" % (name, format_value(value)))
+        log.info("Reloaded: generation %d (from %s)" % (
+            generation.number, config.config_file or "the command line"))
+
+    def retire(self, generation):
+        """A generation no new session will take: closed now if no session
+        uses it, else when the last one ends."""
+        with self.lock:
+            generation.retired = True
+            unused = not generation.sessions
+        if unused:
+            generation.close()
 
     def admit(self):
         """Count a new connection and hand it the current generation; None
@@ -3457,6 +3599,11 @@ class Perdition:
             self.active -= 1
             generation.sessions -= 1
             unused = generation.retired and not generation.sessions
+            if not self.active and self.wake is not None:
+                try:
+                    os.write(self.wake, b"\0")
+                except OSError:
+                    pass
         if unused:
             generation.close()
 
@@ -3466,6 +3613,8 @@ class Perdition:
         with self.lock:
             self.sessions.add(session)
             self.addresses[session.client_ip] += 1
+            if self.ending:
+                session.end()
             return self.addresses[session.client_ip]
 
     def leave(self, session):
@@ -3476,14 +3625,36 @@ class Perdition:
             if not self.addresses[address]:
                 del self.addresses[address]
 
-    def relog(self, stop):
+    def end_sessions(self):
+        """End every session, and those about to start: the stop's grace
+        period is over."""
+        with self.lock:
+            self.ending = True
+            for session in self.sessions:
+                session.end()
+
+    def status(self):
+        return "%d sessions open" % self.active
+
+    def relog(self):
         """Log the Auth line of every proxied session again, every
-        --connect_relog seconds, for POP and IMAP before SMTP."""
-        while not stop.wait(self.config.connect_relog):
+        --connect_relog seconds (as the current generation says), for POP
+        and IMAP before SMTP."""
+        while True:
+            time.sleep(self.config.connect_relog or RELOG_RECHECK)
+            if not self.config.connect_relog:
+                continue
             with self.lock:
                 sessions = [s for s in self.sessions if s.proxying]
             for session in sessions:
                 session.log_auth("ok")
+
+
+def address_text(address):
+    """A socket address for the log: 'host port N', a path, or unknown."""
+    if isinstance(address, tuple):
+        return "%s port %d" % address[:2]
+    return address or "unknown"
 
 
 class PerditionServer(socketserver.ThreadingTCPServer):
@@ -3498,12 +3669,20 @@ class PerditionServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = getattr(socket, "SOMAXCONN", 128)
 
-    def __init__(self, perdition, address, host):
+    def __init__(self, perdition, address, host, sock=None):
+        """Bind `address`, or serve `sock`, a listening socket a service
+        manager passed."""
         self.perdition = perdition
         self.host = host        # the key of the greeting host name
-        self.address_family = socket.AF_INET6 if ":" in address[0] \
-            else socket.AF_INET
-        super().__init__(address, Session)
+        if sock is None:
+            self.address_family = socket.AF_INET6 if ":" in address[0] \
+                else socket.AF_INET
+            super().__init__(address, Session)
+            return
+        self.address_family = sock.family
+        super().__init__(address, Session, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
 
     def server_bind(self):
         if self.address_family == socket.AF_INET6:
@@ -3515,7 +3694,7 @@ class PerditionServer(socketserver.ThreadingTCPServer):
         generation = self.perdition.admit()
         if generation is None:
             log.info("Connection limit reached, refusing %s"
-                     % client_address[0])
+                     % address_text(client_address).partition(" ")[0])
             try:
                 request.settimeout(1)
                 request.sendall(self.perdition.protocol_class.farewell(
@@ -3558,7 +3737,8 @@ class PerditionServer(socketserver.ThreadingTCPServer):
 
     def handle_error(self, request, client_address):
         log.err("Session from %s failed: %s" % (
-            client_address[0], traceback.format_exc().replace("\n", " | ")))
+            address_text(client_address).partition(" ")[0],
+            traceback.format_exc().replace("\n", " | ")))
 
 
 def greeting_hostname(config, host):
@@ -3587,13 +3767,60 @@ def greeting_host(config, host):
     return host if config.bind_address else None
 
 
-def listen_hosts(config):
-    """The greeting_host of each listener; under inetd, of the first -b
-    address."""
+def listen_hosts(config, inherited):
+    """The greeting_host of each listener: of the sockets a service manager
+    passed (their own addresses), or of those to bind; under inetd, of the
+    first -b address."""
     if config.inetd_mode:
         return [config.bind_address[0][0] if config.bind_address else None]
+    if inherited:
+        return [sock.getsockname()[0] if sock.family != socket.AF_UNIX
+                else None for sock in inherited]
     return [greeting_host(config, host)
             for host, _ in listen_addresses(config)]
+
+
+SD_LISTEN_FDS_START = 3
+
+
+def listen_fds():
+    """The sockets a service manager passed (sd_listen_fds(3)): LISTEN_FDS
+    descriptors from 3 on, when LISTEN_PID names this process.  The
+    variables are then removed, so that nothing started later takes the
+    descriptors for its own."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = os.environ.get("LISTEN_FDS", "")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if not (count.isascii() and count.isdigit()):
+        raise OptionError("LISTEN_FDS: %r is not a number" % count)
+    sockets = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
+        try:
+            sock = socket.socket(fileno=fd)
+            if sock.type != socket.SOCK_STREAM:
+                raise OSError(0, "not a stream socket")
+            sock.set_inheritable(False)
+        except OSError as e:
+            raise OptionError("LISTEN_FDS: descriptor %d: %s"
+                              % (fd, e.strerror)) from None
+        sockets.append(sock)
+    return sockets
+
+
+def adopt_servers(perdition, inherited):
+    """Serve the listening sockets a service manager passed (systemd's
+    Accept=no) instead of binding: -b and -l do not apply."""
+    servers = []
+    for sock, host in zip(inherited, perdition.hosts):
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise OptionError("LISTEN_FDS: descriptor %d is not listening "
+                              "(for Accept=yes run perdition -i)"
+                              % sock.fileno())
+        servers.append(PerditionServer(perdition, sock.getsockname(), host,
+                                       sock))
+    return servers
 
 
 def bind_servers(perdition):
@@ -3645,19 +3872,45 @@ def run_as(config):
 
 
 def write_pid_file(config, uid, gid):
+    """Write --pid_file, unless empty; returns its path, or None.
+
+    Whatever is in its place -- a stale file, or a link planted to make
+    root write elsewhere -- is removed, not followed, and the file created
+    anew (O_EXCL, O_NOFOLLOW).  A default one that cannot be written is
+    only logged in the foreground, where nothing needs it; one asked for
+    must be written."""
     path = config.pid_file
     if not path:
-        return
+        return None
     try:
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
-        if os.geteuid() == 0 and directory != VAR_STATE_DIR:
-            os.chown(directory, uid, gid)
-        with open(path, "w") as f:
+        if uid is not None and directory != VAR_STATE_DIR:
+            # So that perdition can remove it after dropping privileges.
+            os.chown(directory, uid, gid, follow_symlinks=False)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                     | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with open(fd, "w") as f:
             f.write("%d\n" % os.getpid())
     except OSError as e:
-        raise OptionError("option --pid_file: %s: %s"
-                          % (path, e.strerror)) from None
+        message = "option --pid_file: %s: %s" % (path, e.strerror)
+        if config.daemon or "pid_file" in config.given:
+            raise OptionError(message) from None
+        log.err("Cannot write the pid file, carrying on: %s" % message)
+        return None
+    return path
+
+
+def remove_pid_file(path):
+    if path:
+        try:
+            os.unlink(path)
+        except OSError as e:
+            log.err("Cannot remove the pid file %s: %s" % (path, e.strerror))
 
 
 def drop_privileges(uid, gid):
@@ -3670,20 +3923,27 @@ def drop_privileges(uid, gid):
     os.setuid(uid)
 
 
-def serve_inetd(perdition):
-    config = perdition.config
+def serve_inetd(perdition, inherited):
+    """-i: one session on a connected stream socket, TCP or UNIX-domain:
+    standard input, as inetd, tcpserver, stunnel or socat give it, or the
+    connection a service manager passed (systemd's Accept=yes)."""
+    where = "the socket in LISTEN_FDS" if inherited else "standard input"
     try:
-        sock = socket.socket(fileno=os.dup(0))
+        if len(inherited) > 1:
+            raise OSError(0, "more than one socket")
+        sock = inherited[0] if inherited else socket.socket(fileno=os.dup(0))
+        if sock.type != socket.SOCK_STREAM:
+            raise OSError(0, "not a stream socket")
         sock.getpeername()
-        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
     except OSError:
-        tcp = False
-    if not tcp:     # the log and the maps need the client's IP address
-        raise OptionError("option -i, --inetd_mode: standard input is not "
-                          "a connected TCP socket")
+        raise OptionError("option -i, --inetd_mode: %s is not a connected "
+                          "stream socket" % where) from None
     generation = perdition.admit()
-    Session(perdition, generation, sock, perdition.hosts[0],
-            inetd_pid=os.getpid()).run()
+    try:
+        Session(perdition, generation, sock, perdition.hosts[0],
+                inetd_pid=os.getpid()).run()
+    finally:
+        perdition.release(generation)
     return 0
 
 
@@ -3702,6 +3962,141 @@ def raise_file_limit(config):
                 "%d" % (soft, config.connection_limit))
 
 
+def notify(state):
+    """Tell the service manager: sd_notify(3)'s datagram to $NOTIFY_SOCKET
+    (a name starting with '@' is in the abstract namespace), when set."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX,
+                           socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as e:
+        log.err("Cannot notify the service manager at %s: %s"
+                % (log_text(address), e.strerror or e))
+
+
+def watch_signals():
+    """SIGHUP, SIGTERM and SIGINT go to a pipe, read by the main thread.
+
+    The interpreter's C-level handler writes each signal's number there
+    (signal.set_wakeup_fd) and the Python one does nothing: no signal
+    handler may take a lock or log, or a signal arriving on a thread that
+    holds the log's lock deadlocks the process.  Returns (read, write)."""
+    read, write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, recorded)
+    return read, write
+
+
+def recorded(signum, frame):
+    """The Python-level handler: the signal is in the pipe already."""
+
+
+def wait_for_signals(pipe, timeout):
+    """The signal numbers read from the pipe within `timeout` seconds (None:
+    until one comes); 0 stands for the end of the last session in a
+    stop."""
+    if not select.select([pipe], [], [], timeout)[0]:
+        return b""
+    try:
+        return os.read(pipe, 512)
+    except BlockingIOError:
+        return b""
+
+
+STOPS = (signal.SIGTERM, signal.SIGINT)
+
+
+def reloader(perdition, requests):
+    """The reload thread: one reload at a time; requests that arrive
+    during one fold into one more."""
+    while True:
+        requests.wait()
+        requests.clear()
+        notify("RELOADING=1\nMONOTONIC_USEC=%d"
+               % (time.monotonic_ns() // 1000))
+        perdition.reload()
+        notify("READY=1\nSTATUS=" + perdition.status())
+
+
+def serve(perdition, servers, pipe):
+    """The main thread once serving: act on the signals the pipe brings
+    (SIGHUP: a reload, in the reload thread; SIGTERM or SIGINT: stop) and
+    keep the service manager's STATUS= up to date."""
+    read, write = pipe
+    requests = threading.Event()
+    threads = [threading.Thread(target=server.serve_forever, daemon=True,
+                                args=(0.1,))    # a stop waits this long
+               for server in servers]
+    threads.append(threading.Thread(target=reloader, daemon=True,
+                                    args=(perdition, requests)))
+    threads.append(threading.Thread(target=perdition.relog, daemon=True))
+    for thread in threads:
+        thread.start()
+    for server in servers:
+        log.info("Listening on %s" % address_text(server.server_address))
+    status = perdition.status()
+    notify("READY=1\nSTATUS=" + status)
+    watching = STATUS_INTERVAL if os.environ.get("NOTIFY_SOCKET") else None
+    while True:
+        signals = wait_for_signals(read, watching)
+        stop = next((signum for signum in signals if signum in STOPS), None)
+        if stop is not None:
+            return shut_down(perdition, servers, read, write, stop)
+        if signal.SIGHUP in signals:
+            requests.set()
+        if watching and perdition.status() != status:
+            status = perdition.status()
+            notify("STATUS=" + status)
+
+
+def shut_down(perdition, servers, read, write, signum):
+    """The graceful stop: close the listening sockets at once, let the
+    sessions run for --shutdown_timeout seconds (a second SIGTERM or SIGINT
+    cuts that short), then end the rest."""
+    notify("STOPPING=1")
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+    grace = perdition.config.shutdown_timeout
+    with perdition.lock:
+        perdition.wake = write
+        open_sessions = perdition.active
+    log.info("Exiting on signal %s: %d sessions open, %d s to finish"
+             % (signal.Signals(signum).name, open_sessions, grace))
+    notify("STATUS=Stopping, " + perdition.status())
+    wait_for_sessions(perdition, read, grace)
+    left = perdition.active
+    if left:        # a further signal here stops waiting for the Close lines
+        perdition.end_sessions()
+        wait_for_sessions(perdition, read, STOP_WAIT)
+    perdition.retire(perdition.generation)
+    log.info("Stopped: %d sessions were open, %d finished in the grace "
+             "period, %d ended%s" % (
+                 open_sessions, open_sessions - left, left,
+                 ", %d did not close in time" % perdition.active
+                 if perdition.active else ""))
+    return 0
+
+
+def wait_for_sessions(perdition, pipe, seconds):
+    """Wait up to `seconds` for every session to end; True when a
+    further SIGTERM or SIGINT cut the wait short."""
+    deadline = time.monotonic() + seconds
+    while perdition.active:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if any(signum in STOPS for signum in wait_for_signals(pipe, left)):
+            return True
+    return False
+
+
 def main(argv=None):
     argv = sys.argv if argv is None else argv
     try:
@@ -3710,53 +4105,34 @@ def main(argv=None):
             sys.stdout.write(usage(config.basename))
             return 0
         log.configure(config)
-        perdition = Perdition(config, listen_hosts(config))
+        inherited = listen_fds()
+        perdition = Perdition(config, listen_hosts(config, inherited))
         uid, gid = run_as(config) if os.geteuid() == 0 else (None, None)
         if config.inetd_mode:
             if config.debug:
                 log.debug("Starting: %s" % config.summary())
             drop_privileges(uid, gid)
-            return serve_inetd(perdition)
-        servers = bind_servers(perdition)
+            return serve_inetd(perdition, inherited)
+        servers = adopt_servers(perdition, inherited) if inherited \
+            else bind_servers(perdition)
         if config.daemon:
             daemonise()
-            write_pid_file(config, uid, gid)
+        pid_file = write_pid_file(config, uid, gid)
     except OptionError as e:
         name = program_name(argv[0] if argv else "perdition")
         sys.stderr.write("%s: %s\n" % (name, e))
         if log.use_syslog or log.stream is not sys.stderr:
             log.err("Fatal error: %s" % e)
         return 1
-    raise_file_limit(config)
-    drop_privileges(uid, gid)
-    threading.stack_size(THREAD_STACK_SIZE)
-    log.info("Starting: %s" % config.summary())
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: perdition.reload())
-    threads = [threading.Thread(target=server.serve_forever, daemon=True,
-                                args=(0.1,))    # a stop waits this long
-               for server in servers]
-    if config.connect_relog:
-        threads.append(threading.Thread(target=perdition.relog, daemon=True,
-                                        args=(stop,)))
-    for thread in threads:
-        thread.start()
-    for server in servers:
-        log.info("Listening on %s port %d" % server.server_address[:2])
-    while not stop.wait(3600):
-        pass
-    log.info("Exiting on signal")
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-    if config.daemon and config.pid_file:
-        try:
-            os.unlink(config.pid_file)
-        except OSError:
-            pass
-    return 0
+    try:
+        raise_file_limit(config)
+        pipe = watch_signals()
+        drop_privileges(uid, gid)
+        threading.stack_size(THREAD_STACK_SIZE)
+        log.info("Starting: %s" % config.summary())
+        return serve(perdition, servers, pipe)
+    finally:
+        remove_pid_file(pid_file)
 
 
 if __name__ == "__main__":

@@ -55,8 +55,8 @@ posix_regex (-m: file, default /etc/perdition/popmap.re)
     The first line sends joe@example.com to imap.example.com as "joe"
     (with -U).  POSIX classes such as ``[[:alpha:]]`` are understood;
     matching is Python's, leftmost-first rather than POSIX leftmost-longest
-    where alternatives overlap.  Read at start-up and again on reload
-    (SIGHUP); a bad file keeps the old table.
+    where alternatives overlap.  Read when the map is opened: at start-up
+    and on every reload (SIGHUP), where a bad file fails the reload.
 
 sqlite (-m: ``dbpath:table:user_column:server_column:port_column``)
     Defaults /etc/perdition/popmap.sqlite, tblPerdition, user, servername,
@@ -101,8 +101,10 @@ be called from several threads at once.  Its errors mean:
     raise MapRefused  the login is refused; str(exception) is the reason
                       given to the client and the log
 
-``reload()`` is called on SIGHUP and ``close()`` at exit; both do nothing
-unless overridden.  ``context`` is a LookupContext: the login name and
+perdition opens the map at start-up and again on every reload (SIGHUP),
+so ``__init__`` reads whatever the map reads (a MapError there fails the
+reload and the old map stays); ``close()`` is called once no session uses
+a map any more, and does nothing unless overridden.  ``context`` is a LookupContext: the login name and
 password, the protocol ("pop3" or "imap"), both ends of the client's
 connection, the domain delimiter and the login attempt number.  Answers
 are stripped of surrounding whitespace; perdition itself checks the host
@@ -175,11 +177,9 @@ class Map:
         """Return "[user<delim>]host[:port]" for key, or None."""
         raise NotImplementedError
 
-    def reload(self):
-        """Re-read configuration (SIGHUP)."""
-
     def close(self):
-        """Release resources (exit)."""
+        """Release resources: a reload replaced the map, or perdition
+        exits."""
 
 
 # ---------------------------------------------------------------------------
@@ -517,11 +517,6 @@ class PosixRegexMap(Map):
     def __init__(self, option):
         super().__init__(option)
         self.path = os.path.abspath(option or self.default_option)
-        self.table = _read_regex_table(self.path)
-
-    def reload(self):
-        # Assigning the new table is atomic: concurrent lookups use one or
-        # the other.  A bad file raises before the old table is replaced.
         self.table = _read_regex_table(self.path)
 
     def lookup(self, key, context):

@@ -48,9 +48,11 @@ LITERAL = re.compile(rb"\{(\d+)\}\r\n\Z")
 POP3_END = b"\r\n.\r\n"
 WORKLOADS = ("logins", "bulk", "noop", "idle")     # in the order they run
 
-# -f '': no configuration file, whatever the machine has in /etc/perdition.
+# -f '': no configuration file, whatever the machine has in /etc/perdition;
+# --pid_file '': none in the machine's /var/run.
 PERDITION_TEMPLATE = (
-    "{python} {perdition} -f '' -P {protocol} --no_daemon -F {log_file} "
+    "{python} {perdition} -f '' --pid_file '' -P {protocol} --no_daemon "
+    "-F {log_file} "
     "-b 127.0.0.1 -l {listen_port} -s 127.0.0.1:{backend_port} -M '' "
     "-u root -g root {ssl_args}")
 PERDITION_PROTOCOLS = {("IMAP", False): "IMAP4", ("IMAP", True): "IMAP4S",

@@ -28,13 +28,16 @@ def pytest_unconfigure(config):
         shutil.rmtree(config.own_basetemp, ignore_errors=True)
 
 
-PACKAGES = ["dovecot-imapd", "dovecot-pop3d", "curl", "openssl", "haproxy"]
+PACKAGES = ["dovecot-imapd", "dovecot-pop3d", "curl", "openssl", "haproxy",
+            "systemd"]
 
 
 def missing_programs():
     """The real programs the suite drives that this machine lacks."""
     found = {"dovecot": dovecot_binary(), "curl": shutil.which("curl"),
-             "openssl": shutil.which("openssl"), "haproxy": haproxy_binary()}
+             "openssl": shutil.which("openssl"), "haproxy": haproxy_binary(),
+             "systemd-socket-activate": shutil.which(
+                 "systemd-socket-activate", path="/usr/bin")}
     return [name for name, path in found.items() if path is None]
 
 

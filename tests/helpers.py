@@ -159,6 +159,19 @@ class Perdition:
                     f"\n{text}")
             time.sleep(0.02)
 
+    def reload(self, timeout=10):
+        """SIGHUP perdition; return the log once it has one more line
+        saying how a reload went ("Reloaded: ..." or "Reload failed")."""
+        before = _reloads(self.log())
+        os.kill(self.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while _reloads(self.log()) == before:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no reload logged after SIGHUP in "
+                                     f"{timeout} s:\n{self.log()}")
+            time.sleep(0.02)
+        return self.log()
+
     def stop(self):
         """SIGTERM perdition, then SIGKILL if it has not exited in time.
 
@@ -178,6 +191,10 @@ class Perdition:
 
     def __exit__(self, *exc_info):
         self.stop()
+
+
+def _reloads(log):
+    return log.count("]: Reloaded: ") + log.count("]: Reload failed")
 
 
 def wait_until(predicate, timeout=TIMEOUT, what="condition"):

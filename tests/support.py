@@ -8,6 +8,7 @@ arrived inside TLS, so a test can prove what did and did not reach the
 real server.  Every wait here is bounded in time.
 """
 
+import itertools
 import os
 import random
 import re
@@ -21,8 +22,10 @@ from dovecot import Dovecot, default_users
 from helpers import TIMEOUT
 
 __all__ = ["SPECIAL_USERS", "special_dovecot", "big_message", "wait_for_eof",
-           "receive_at_least", "curl", "closes", "wait_for_closes", "usage",
-           "settled_usage", "wait_for_usage", "Peer", "ScriptedBackend"]
+           "receive_at_least", "curl", "closes", "wait_for_closes",
+           "traversable", "usage",
+           "settled_usage", "wait_for_usage", "ServiceManager", "Peer",
+           "ScriptedBackend"]
 
 # ---------------------------------------------------------------------------
 # The real server and its mail
@@ -135,6 +138,16 @@ def wait_for_closes(proxy, user, count, timeout=5):
         time.sleep(0.05)
 
 
+def traversable(path):
+    """Let others pass through *path* and its ancestors, as they can
+    through /var/run and /var/log: perdition, no longer root, removes its
+    pid file and looks at its log file there."""
+    path = os.path.abspath(path)
+    while path != "/":
+        os.chmod(path, os.stat(path).st_mode | 0o011)
+        path = os.path.dirname(path)
+
+
 def usage(pid):
     """(threads, open file descriptors) of process *pid*."""
     with open(f"/proc/{pid}/status") as f:
@@ -178,6 +191,62 @@ def wait_for_usage(perdition, baseline, timeout=10):
                 f"after {timeout} s; descriptors: "
                 f"{os.listdir(f'/proc/{perdition.pid}/fd')}")
         time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------
+# The service manager's side
+# ---------------------------------------------------------------------------
+
+_managers = itertools.count(1)
+
+
+class ServiceManager:
+    """The service manager's end of sd_notify: a datagram socket for
+    perdition's NOTIFY_SOCKET (`address`), in the abstract namespace
+    ('@name') or, given *directory*, a socket file there that the user
+    perdition drops to may write to."""
+
+    def __init__(self, directory=None):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if directory is None:
+            self.address = "@perdition-test-%d-%d" % (os.getpid(),
+                                                       next(_managers))
+            self.sock.bind("\0" + self.address[1:])
+        else:
+            self.address = os.path.join(os.fspath(directory), "notify")
+            self.sock.bind(self.address)
+            os.chmod(self.address, 0o666)
+        self.messages = []
+
+    def wait_for(self, state, timeout=TIMEOUT):
+        """Receive until a message holds the line *state* (e.g.
+        "READY=1"); return that message's lines.  Messages received so
+        far are in `messages`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {state!r} within {timeout} s; "
+                                     f"received {self.messages}")
+            self.sock.settimeout(left)
+            try:
+                lines = self.sock.recv(4096).decode().split("\n")
+            except socket.timeout:
+                continue
+            self.messages.append(lines)
+            if state in lines:
+                return lines
+
+    def close(self):
+        self.sock.close()
+        if not self.address.startswith("@"):
+            os.unlink(self.address)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
 
 
 # ---------------------------------------------------------------------------

@@ -70,6 +70,7 @@ SAMPLES = {
     "outgoing_server": ("mail.example.net:1110,127.0.0.1",
                         [("mail.example.net", 1110), ("127.0.0.1", None)]),
     "pid_file": ("/run/p/p.pid", "/run/p/p.pid"),
+    "shutdown_timeout": ("3", 3),
     "strip_domain": ("all", ALL_STATES),
     "timeout": ("30", 30),
     "username": ("mail", "mail"),
@@ -680,7 +681,8 @@ def test_python_dash_m_perdition(tmp_path, dovecot, monkeypatch):
     (["-F", "/nonexistent/dir/log"],
      "--log_facility: /nonexistent/dir/log: No such file"),
     (["-b", "192.0.2.1"], "cannot listen on 192.0.2.1 port"),
-    (["-i"], "--inetd_mode: standard input is not a connected TCP socket"),
+    (["-i"], "--inetd_mode: standard input is not a connected stream "
+             "socket"),
 ])
 def test_start_up_error_message(tmp_path, args, message):
     result = run_perdition(["--no_daemon", "-F", "+", "-M", "",

@@ -205,14 +205,15 @@ def test_posix_regex_substitution_and_sighup_reload(
 
     write(mapdir / "popmap.re", "'^(.*)@example\\.com$'  $1@%s\n"
           "^carol$ %s\n" % (imap_at(a), imap_at(b)))
-    sighup(perdition, "Reloaded the popmap")
+    sighup(perdition, "Reloaded: generation 2")
     assert lands(perdition, "carol@example.com", "carolpw") == "A:carol"
     assert lands(perdition, "carol", "carolpw") == "B:carol"
 
     # A bad file is reported with its line and the old table stays.
     write(mapdir / "popmap.re", "^carol$ %s\n'^(unclosed' %s\n"
           % (imap_at(a), imap_at(b)))
-    sighup(perdition, "Reloading the popmap failed: %s:2:" % popmap)
+    sighup(perdition, "Reload failed, keeping generation 2: option -M, "
+           "--map_library posix_regex: %s:2:" % popmap)
     assert lands(perdition, "carol", "carolpw") == "B:carol"
 
 

@@ -22,8 +22,9 @@ import pytest
 
 from dovecot import free_port
 from helpers import (PERDITION, Perdition, RawClient, TIMEOUT, imap_connect,
-                     perdition_env, wait_until)
-from support import ScriptedBackend, settled_usage, wait_for_usage
+                     perdition_env, run_perdition, wait_until)
+from support import (ScriptedBackend, settled_usage, traversable,
+                     wait_for_usage)
 
 sys.path.insert(0, os.path.dirname(PERDITION))
 import perdition  # noqa: E402
@@ -212,15 +213,6 @@ def read_file(path):
         return ""
 
 
-def traversable(path):
-    """Let others pass through *path* and its ancestors, as they can
-    through /var/run: perdition removes its pid file as nobody."""
-    path = os.path.abspath(path)
-    while path != "/":
-        os.chmod(path, os.stat(path).st_mode | 0o011)
-        path = os.path.dirname(path)
-
-
 @as_root
 def test_daemon_with_pid_file(tmp_path, dovecot):
     traversable(tmp_path)
@@ -262,13 +254,18 @@ def test_daemon_with_pid_file(tmp_path, dovecot):
 
 
 @pytest.mark.parametrize("facility", ["--no_daemon", "-", "+"])
-def test_no_daemon_and_no_pid_file(tmp_path, dovecot, facility):
+def test_foreground_writes_and_removes_the_pid_file(tmp_path, dovecot,
+                                                    facility):
     """--no_daemon, or logging to stdout or stderr: perdition stays in the
-    foreground and writes no pid file."""
+    foreground, and writes its pid file all the same (supervisors read
+    it); it removes the file when it exits, as nobody by then."""
+    traversable(tmp_path)
     proxy = Perdition([] if facility == "--no_daemon" else ["-F", facility],
                       "IMAP4", tmp_path, dovecot.imap_port)
     if facility != "--no_daemon":
         proxy.args.remove("--no_daemon")
+    pid_file = os.path.join(proxy.env["PERDITION_VAR_STATE_DIR"],
+                            "perdition", "perdition.pid")
     with proxy:
         assert proxy.proc.poll() is None
         assert os.getsid(proxy.pid) == os.getsid(0)
@@ -276,7 +273,40 @@ def test_no_daemon_and_no_pid_file(tmp_path, dovecot, facility):
                   "+": proxy.stderr}[facility]
         wait_until(lambda: "Listening on 127.0.0.1" in output(),
                    what="log in %s" % facility)
-        assert os.listdir(proxy.env["PERDITION_VAR_STATE_DIR"]) == []
+        assert read_file(pid_file) == "%d\n" % proxy.pid
+    assert proxy.proc.returncode == 0
+    assert not os.path.exists(pid_file)
+    assert "Cannot" not in output()
+
+
+def test_planted_link_in_place_of_the_pid_file_is_not_followed(tmp_path,
+                                                               dovecot):
+    """A link planted where the pid file goes (to make root overwrite
+    another file) is replaced, not followed; so is a stale file."""
+    traversable(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    directory = tmp_path / "run" / "imap"
+    directory.mkdir(parents=True)
+    pid_file = directory / "perdition.pid"
+    pid_file.symlink_to(victim)
+    with Perdition(["--pid_file", pid_file], "IMAP4", tmp_path,
+                   dovecot.imap_port) as proxy:
+        proxy.wait_for_log("Listening on ")
+        assert not pid_file.is_symlink()
+        assert pid_file.read_text() == "%d\n" % proxy.pid
+        assert victim.read_text() == "precious\n"
+    assert not pid_file.exists() and victim.read_text() == "precious\n"
+
+
+def test_pid_file_asked_for_must_be_written(tmp_path):
+    result = run_perdition(["--no_daemon", "-F", "+", "-M", "", "-l",
+                            free_port(), "--pid_file",
+                            "/proc/no/such/dir/perdition.pid"],
+                           tmpdir=tmp_path)
+    assert result.returncode == 1
+    assert "option --pid_file: /proc/no/such/dir/perdition.pid: " in \
+        result.stderr
 
 
 # ---------------------------------------------------------------------------
@@ -371,19 +401,72 @@ def test_inetd_mode(tmp_path, dovecot):
     assert (tmp_path / "err").read_bytes() == b""
 
 
-def test_inetd_mode_needs_a_tcp_socket(tmp_path):
-    """A UNIX-domain socket has no client address to log or look up: a
-    clean start-up error, not a traceback."""
+INETD_POPMAP = ("'^192\\.0\\.2\\.7:40000:alice$' 127.0.0.1:{port}\n"
+                "'^:(none)?:alice$' 127.0.0.1:{port}\n")
+
+
+@pytest.mark.parametrize("remote", [{"TCPREMOTEIP": "192.0.2.7",
+                                     "TCPREMOTEPORT": "40000"}, {}],
+                         ids=["tcpserver", "unknown"])
+def test_inetd_mode_on_a_unix_socket(tmp_path, dovecot, remote):
+    """-i on a UNIX-domain socket (stunnel's exec, socat, a supervisor's
+    socketpair): the client address is ucspi-tcp's TCPREMOTEIP and
+    TCPREMOTEPORT when set, else unknown in the log and empty in the
+    query-key escapes."""
+    traversable(tmp_path)
+    log = tmp_path / "inetd.log"
+    popmap = tmp_path / "popmap.re"
+    popmap.write_text(INETD_POPMAP.format(port=dovecot.imap_port))
+    popmap.chmod(0o644)
     here, there = socket.socketpair()
-    with here, there:
+    env = {**perdition_env(str(tmp_path)), **remote}
+    with there, open(tmp_path / "err", "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, PERDITION, "-P", "IMAP4", "-i", "-F", str(log),
+             "-M", "posix_regex", "-m", str(popmap),
+             "--query_key", "\\i:\\p:\\U"],
+            stdin=there, stdout=there, stderr=err, env=env)
+    try:
+        with here:
+            here.settimeout(TIMEOUT)
+            reader = here.makefile("rb")
+            assert reader.readline().startswith(b"* OK IMAP4 Ready ")
+            here.sendall(b"a LOGIN alice alicepw\r\n")
+            assert reader.readline().startswith(b"a OK")
+            here.sendall(b"b LOGOUT\r\n")
+            assert b"b OK" in reader.read()
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    client = remote.get("TCPREMOTEIP", "unknown")
+    assert "Connect: %s[inetd_pid=%d]\n" % (client, proc.pid) in text
+    assert 'Auth: %s user="alice" passwd="XXXXXX" server="127.0.0.1" ' \
+        'port="%d" status=ok\n' % (client, dovecot.imap_port) in text
+    assert 'Close: %s user="alice" received=' % client in text
+    assert (tmp_path / "err").read_bytes() == b""
+
+
+def test_inetd_mode_needs_a_connected_stream_socket(tmp_path):
+    """A pipe, or a datagram socket, is no connection: a clean start-up
+    error, not a traceback."""
+    read, write = os.pipe()
+    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for stdin in (read, there):
         result = subprocess.run(
             [sys.executable, PERDITION, "-P", "IMAP4", "-i", "-F", "+",
              "-s", "127.0.0.1:143", "-M", ""],
-            stdin=there, stdout=there, stderr=subprocess.PIPE, text=True,
+            stdin=stdin, stdout=write, stderr=subprocess.PIPE, text=True,
             env=perdition_env(str(tmp_path)), timeout=TIMEOUT)
-    assert result.returncode != 0
-    assert result.stderr == "perdition: option -i, --inetd_mode: standard " \
-        "input is not a connected TCP socket\n"
+        assert result.returncode != 0
+        assert result.stderr == "perdition: option -i, --inetd_mode: " \
+            "standard input is not a connected stream socket\n"
+    for fd in (read, write):
+        os.close(fd)
+    here.close()
+    there.close()
 
 
 # ---------------------------------------------------------------------------
