@@ -91,9 +91,11 @@ class PamConfig:
         """'PAM_USER PAM_RHOST' for each time the script ran."""
         return self.seen_file.read_text().splitlines()
 
-    def proxy(self, args, protocol, tmpdir, backend_port):
-        """perdition -a with this configuration (not started)."""
-        proxy = Perdition(["-a", *args], protocol, tmpdir, backend_port)
+    def proxy(self, args, protocol, tmpdir, backend_port, local=True):
+        """perdition (with -a unless *local* is false) using this PAM
+        configuration; not started."""
+        proxy = Perdition(["-a"] * local + args, protocol, tmpdir,
+                          backend_port)
         proxy.env["PERDITION_PAM_CONFDIR"] = str(self.confdir)
         return proxy
 
@@ -284,6 +286,25 @@ def test_a_slow_pam_holds_up_only_its_own_session(pam, tmp_path):
         stuck.close()
         backend.join(2)
     assert pam.seen() == ["slow 127.0.0.1", "alice 127.0.0.1"]
+
+
+def test_a_reload_keeps_local_authentication(pam, tmp_path):
+    """libpam lives as long as the process: a reload whose configuration
+    file no longer has authenticate_in keeps it on, and says so."""
+    conf = tmp_path / "perdition.conf"
+    conf.write_text("authenticate_in\n")
+    with scripted("IMAP4") as backend, \
+            pam.proxy(["-f", conf], "IMAP4", tmp_path, backend.port,
+                      local=False) as proxy:
+        conf.write_text('ok_line "reloaded"\n')
+        assert "]: Reload: option --authenticate_in cannot change without " \
+            "a restart; keeping True\n" in proxy.reload()
+        client = connect("IMAP4", proxy.port)
+        assert not try_login(client, "alice", "wrongpw")
+        assert backend.peers == []
+        assert client.login("alice", "alicepw") == ("OK", [b"reloaded"])
+        log_out(client)
+    assert AUTH_FAILURE in auth_lines(proxy)[0]
 
 
 # ---------------------------------------------------------------------------
