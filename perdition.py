@@ -89,6 +89,15 @@ class LoginFailure(Exception):
         self.client_text = client_text
 
 
+class ServerUnreachable(LoginFailure):
+    """The real server could not be reached: the connection, its TLS, its
+    greeting or anything else before the credentials failed.  The next
+    server, if there is one, is tried."""
+
+    def __init__(self, reason, client_text=None):
+        super().__init__(reason, client_text or "Could not connect to server")
+
+
 class ProtocolError(Exception):
     """The peer broke the protocol so badly that the connection must end."""
 
@@ -358,6 +367,10 @@ OPTIONS = [
            parse_servers),
     Option("C", "connection_logging", None, "",
            "Log the authentication-phase dialogue (with -d only).", FLAG),
+    Option(None, "connect_timeout", "SECONDS", "10",
+           "How long to wait for a real server to accept the connection "
+           "and greet (TLS included); one that does not is unreachable.  "
+           "0: --authentication_timeout.", parse_seconds),
     Option(None, "connect_relog", "SECONDS", "300",
            "How often to log the connection again, for POP/IMAP before "
            "SMTP; 0 for never.", parse_seconds),
@@ -417,6 +430,9 @@ OPTIONS = [
     Option(None, "lower_case", "STATE[,STATE...]", "",
            "Convert user names to lower case in the given states.",
            parse_states),
+    Option(None, "max_errors", "N", "10",
+           "Close the connection, with a farewell, after N failed logins "
+           "or refused commands; 0 for no limit.", parse_count),
     Option("M", "map_library", "FILENAME",
            "/usr/lib/libperditiondb_gdbm.so.0",
            "Map library (a built-in name, a libperditiondb_<name>.so path "
@@ -468,6 +484,9 @@ OPTIONS = [
     Option(None, "query_key", "FORMAT[,FORMAT...]", "",
            "Popmap keys to try in order; escapes \\U \\u \\D \\d \\i \\I "
            "\\p \\P \\\\ (default \\U).", parse_query_key),
+    Option(None, "server_hold_time", "SECONDS", "10",
+           "How long a real server found unreachable is skipped while "
+           "others are left to try; 0 for never.", parse_seconds),
     Option(None, "ssl_mode", "MODE", None,
            lambda: "Comma list of %s (default none; %s: ssl_all)." % (
                ", ".join(SSL_MODES), or_list(
@@ -1219,11 +1238,42 @@ class PAM:
 
 class Backend:
     """Where, as whom and with what password to log in: the outcome of the
-    server lookup (an http map may give another user name or password)."""
+    server lookup (an http map may give another user name or password).
 
-    def __init__(self, host, port, user, password):
-        self.host, self.port = host, port
+    `servers` are the (host, port) to try in order, each after the one
+    before could not be reached; `host` and `port` are the one tried last,
+    the one used once the login has succeeded."""
+
+    def __init__(self, servers, user, password):
+        self.servers = servers
+        self.host, self.port = servers[0]
         self.user, self.password = user, password
+
+
+class ServerHolds:
+    """--server_hold_time: the real servers found unreachable lately, and
+    until when each is skipped, so that not every user pays a connect
+    timeout.  Process-wide; expired entries go when a new one comes."""
+
+    def __init__(self):
+        self._until = {}        # (host, port) -> monotonic time
+        self._lock = threading.Lock()
+
+    def order(self, servers):
+        """The servers to try: those not held back, or all of them when
+        every one is (trying all again beats trying none)."""
+        now = time.monotonic()
+        with self._lock:
+            open_ = [s for s in servers if self._until.get(s, 0) <= now]
+        return open_ or servers
+
+    def hold(self, server, seconds):
+        now = time.monotonic()
+        with self._lock:
+            for held in [s for s, until in self._until.items()
+                         if until <= now]:
+                del self._until[held]
+            self._until[server] = now + seconds
 
 
 class ServerSelector:
@@ -1237,8 +1287,8 @@ class ServerSelector:
         self.config = config
         self.popmap = popmap
         self.user_names = user_names
-        self._round_robin = itertools.cycle(config.outgoing_server) \
-            if config.outgoing_server else None
+        self._round_robin = itertools.cycle(range(len(
+            config.outgoing_server))) if config.outgoing_server else None
         self._lock = threading.Lock()
 
     def select(self, user, password, session):
@@ -1247,8 +1297,7 @@ class ServerSelector:
         if config.client_server_specification:
             name, server = self.user_names.split(user)
             if server:
-                host, port = self.parse_answer(server, "client")
-                return Backend(host, port or config.outgoing_port,
+                return Backend(self.parse_answer(server, "client"),
                                rewrite(name, "remote_login",
                                        session.server_ip), password)
         login_user = rewrite(user, "remote_login", session.server_ip)
@@ -1256,18 +1305,20 @@ class ServerSelector:
         answer = self.lookup(rewrite(user, "servername_lookup",
                                      session.server_ip), context, session)
         if answer:
-            map_user, sep, server = answer.rpartition(config.domain_delimiter)
-            host, port = self.parse_answer(server, "popmap")
+            map_user, sep, servers = answer.rpartition(
+                config.domain_delimiter)
+            servers = self.parse_answer(servers, "popmap")
             if sep and config.username_from_database:
                 login_user = map_user
-            return Backend(host, port or config.outgoing_port, login_user,
-                           context.password)
+            return Backend(servers, login_user, context.password)
         if self._round_robin is None:
             raise LoginFailure("Could not determine server",
                                "Could not determine server")
         with self._lock:
-            host, port = next(self._round_robin)
-        return Backend(host, port or config.outgoing_port, login_user,
+            first = next(self._round_robin)
+        servers = [(host, port or config.outgoing_port)
+                   for host, port in config.outgoing_server]
+        return Backend(servers[first:] + servers[:first], login_user,
                        password)
 
     def lookup_context(self, user, password, session):
@@ -1301,8 +1352,19 @@ class ServerSelector:
                 return answer.strip()
         return None
 
-    def parse_answer(self, server, source):
-        """Validate host[:port] from a map or a client before using it."""
+    def parse_answer(self, answer, source):
+        """host[:port][,host[:port]...] from a map or a client, each
+        validated before use -> [(host, port)]."""
+        servers = [self.parse_server(server.strip(), source)
+                   for server in answer.split(",") if server.strip()]
+        if not servers:
+            log.err("No server in %s from %s" % (log_text(answer), source))
+            raise LoginFailure("Invalid server from %s" % source,
+                               "Could not determine server")
+        return servers
+
+    def parse_server(self, server, source):
+        """Validate one host[:port] from a map or a client."""
         try:
             host, port = split_host_port(server)
             host = parse_host(host)
@@ -1323,7 +1385,7 @@ class ServerSelector:
                         "no_lookup is set" % (log_text(host), source))
                 raise LoginFailure("Invalid server from %s" % source,
                                    "Could not determine server") from None
-        return host, port
+        return host, port or self.config.outgoing_port
 
 
 # ---------------------------------------------------------------------------
@@ -1847,7 +1909,6 @@ def parse_proxy_header(header):
 # The protocols
 # ---------------------------------------------------------------------------
 
-MAX_BAD_COMMANDS = 20   # errors before login, then the client is let go
 MAX_COMMAND = 65536     # one command with all its literals before login
 QUIT = "quit"           # a command handler's answer: the client leaves
 
@@ -1954,12 +2015,11 @@ class Protocol:
     start_tls_command = ""
     commands = {}
     verb_word = 0               # which word of a command line is the verb
-    __slots__ = ("session", "config", "errors")
+    __slots__ = ("session", "config")
 
     def __init__(self, session):
         self.session = session
         self.config = session.config
-        self.errors = 0
 
     def serve(self):
         """The command loop before login: read a command, look it up, apply
@@ -2006,13 +2066,10 @@ class Protocol:
             command.login_disabled or not self.session.login_refusal())
 
     def refuse(self, request, error):
-        """Answer a refused command; after MAX_BAD_COMMANDS the client is
-        no longer listened to."""
-        self.errors += 1
+        """Answer a refused command, which counts towards --max_errors."""
         self.discard(request)
         self.session.reply(self.error(str(error)))
-        if self.errors >= MAX_BAD_COMMANDS:
-            raise ProtocolError("Too many errors")
+        self.session.count_error()
 
     def discard(self, request):
         """Read and drop what is left of a refused command."""
@@ -2811,7 +2868,8 @@ class Session:
                  "client_port", "server_ip", "server_port", "hostname",
                  "inetd_pid", "protocol", "user", "password", "authzid",
                  "backend", "attempts", "received", "sent", "tls_probe",
-                 "server", "proxying", "interrupted", "login_clock")
+                 "server", "proxying", "interrupted", "login_clock",
+                 "errors")
 
     def __init__(self, perdition, generation, sock, host, inetd_pid=None):
         self.perdition = perdition
@@ -2832,6 +2890,7 @@ class Session:
         self.proxying = False
         self.interrupted = None     # why another thread ended the login
         self.login_clock = None
+        self.errors = 0             # failed logins and refused commands
 
     @property
     def client_name(self):
@@ -2992,6 +3051,7 @@ class Session:
                 self.delay_failure()
                 self.reply(protocol.failure(e.client_text
                                             or "Authentication failed"))
+                self.count_error()
                 continue
             self.log_auth("ok")
             self.reply(protocol.ok(line))
@@ -3007,6 +3067,14 @@ class Session:
                   % (log_text(self.user), log_text(user)))
         self.perdition.pam.authenticate(user, self.password, self.client_ip)
 
+    def count_error(self):
+        """--max_errors: after so many failed logins and refused commands
+        on one connection, as nginx counts them, the client is let go."""
+        self.errors += 1
+        limit = self.config.max_errors
+        if limit and self.errors >= limit:
+            raise ProtocolError("Too many errors")
+
     def delay_failure(self):
         """--auth_failure_delay: the answer to a failed login waits, in
         this session's thread alone, so guessing passwords is slow."""
@@ -3017,7 +3085,28 @@ class Session:
             time.sleep(delay)
 
     def login(self):
-        """Connect to the chosen server and log in: (connection, line).
+        """Log in on the first of the chosen servers that can be reached:
+        (connection, line).  One that cannot is held back for
+        --server_hold_time and the next one tried; a refusal of the
+        credentials is an answer, never a reason to try another."""
+        backend, holds = self.backend, self.perdition.holds
+        servers = holds.order(backend.servers)
+        for n, server in enumerate(servers, 1):
+            backend.host, backend.port = server
+            try:
+                return self.login_at()
+            except ServerUnreachable as e:
+                if self.config.server_hold_time:
+                    holds.hold((backend.host, backend.port),
+                               self.config.server_hold_time)
+                log.info("Server %s port %d failed: %s%s" % (
+                    log_text(backend.host), backend.port, e,
+                    "; trying the next" if n < len(servers) else ""))
+                if n == len(servers):
+                    raise
+
+    def login_at(self):
+        """Connect to backend.host and log in there: (connection, line).
 
         At most three connections: the first may meet a self-signed
         certificate the options accept, a probe learns it, the third uses
@@ -3034,7 +3123,8 @@ class Session:
                 server.watched = None       # the pump takes over
                 return server, line
             server.close()
-        raise LoginFailure("TLS: the server's certificate keeps changing")
+        raise ServerUnreachable("TLS: the server's certificate keeps "
+                                "changing")
 
     def log_in_to(self, server):
         """The back-end login, one sequence for every protocol, which
@@ -3042,21 +3132,29 @@ class Session:
         capabilities, STARTTLS (tls_outgoing; what the server said before
         it is forgotten), the login.  Returns the server's final line, or
         None when the connection must be made again to learn or use a
-        certificate."""
+        certificate.  Whatever fails before the credentials are sent,
+        within --connect_timeout, leaves the server unreachable."""
         protocol = self.protocol
-        if "ssl_outgoing" in self.config.ssl_mode and \
-                not self.handshake_outgoing(server):
-            return None
-        capabilities = protocol.server_greeting(server)
-        if self.tls_outgoing():
-            if capabilities is None:
-                capabilities = protocol.server_capabilities(server)
-            if self.start_tls_outgoing(
-                    server, protocol.start_tls_command in capabilities):
-                protocol.server_start_tls(server)
-                if not self.handshake_outgoing(server):
-                    return None
-                capabilities = None
+        try:
+            if "ssl_outgoing" in self.config.ssl_mode and \
+                    not self.handshake_outgoing(server):
+                return None
+            capabilities = protocol.server_greeting(server)
+            if self.tls_outgoing():
+                if capabilities is None:
+                    capabilities = protocol.server_capabilities(server)
+                if self.start_tls_outgoing(
+                        server, protocol.start_tls_command in capabilities):
+                    protocol.server_start_tls(server)
+                    if not self.handshake_outgoing(server):
+                        return None
+                    capabilities = None
+        except LoginFailure as e:
+            raise ServerUnreachable(str(e), e.client_text) from None
+        except (OSError, EOFError, ProtocolError, ssl.SSLError) as e:
+            raise ServerUnreachable("Server error: %s"
+                                    % (e or type(e).__name__)) from None
+        server.settimeout(self.config.authentication_timeout)
         return protocol.server_login(server, capabilities, self.backend,
                                      Credentials(self.user, self.password,
                                                  self.authzid))
@@ -3123,7 +3221,6 @@ class Session:
         """A plaintext connection to the real server."""
         flags = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV \
             if self.config.no_lookup else 0
-        failure = "Could not connect to server"
         try:
             family = socket.AF_INET6 if ipaddress.ip_address(
                 backend.host).version == 6 else socket.AF_INET
@@ -3134,13 +3231,14 @@ class Session:
                 addresses = socket.getaddrinfo(backend.host, backend.port, 0,
                                                socket.SOCK_STREAM, 0, flags)
             except (OSError, UnicodeError) as e:
-                raise LoginFailure("Could not resolve %s: %s"
-                                   % (backend.host, e), failure) from None
+                raise ServerUnreachable("Could not resolve %s: %s"
+                                        % (backend.host, e)) from None
         error = None
         for family, kind, proto, _, address in addresses:
             sock = socket.socket(family, kind, proto)
             try:
-                sock.settimeout(self.config.authentication_timeout or None)
+                sock.settimeout(self.config.connect_timeout
+                                or self.config.authentication_timeout or None)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.connect(address)
                 break
@@ -3148,8 +3246,8 @@ class Session:
                 sock.close()
                 error = e
         else:
-            raise LoginFailure("Could not connect to %s:%s: %s"
-                               % (backend.host, backend.port, error), failure)
+            raise ServerUnreachable("Could not connect to %s:%s: %s"
+                                    % (backend.host, backend.port, error))
         return Connection(sock, watched=self.client)
 
     def tls_outgoing(self):
@@ -3542,6 +3640,7 @@ class Perdition:
         self.addresses = collections.Counter()     # sessions per client
         self.deadlines = Deadlines()
         self.failures = LoginFailureLimit()
+        self.holds = ServerHolds()
         self.lock = threading.Lock()
         self.ending = False     # the stop ends every session, late ones too
         self.wake = None        # during a stop: told when the last one ends

@@ -239,14 +239,15 @@ def test_the_valid_commands_named_are_those_allowed_now(
 
 
 def test_too_many_errors_end_the_session(imap):
-    """Dovecot's login processes, too, stop listening after 20."""
+    """--max_errors (10 by default, as nginx's max_errors) counts failed
+    logins and refused commands alike."""
     with greeted(imap.port) as client:
         assert login(client, b"bob", b"wrong").startswith(b"L1 NO ")
-        for n in range(19):
+        for n in range(8):
             assert command(client, b"e%d FOO" % n).startswith(b"e%d BAD " % n)
-        client.send(b"e19 NOOP extra\r\n")
+        client.send(b"e9 NOOP extra\r\n")
         data = wait_for_eof(client)
-        assert data.startswith(b"e19 BAD ")
+        assert data.startswith(b"e9 BAD ")
         assert data.endswith(b"* BYE Too many errors\r\n")
     imap.wait_for_log("127.0.0.1: Too many errors")
     with greeted(imap.port) as other:
@@ -586,6 +587,22 @@ def test_unreachable_server_then_retry(perdition_factory):
         reserved.close()
         with ScriptedBackend(imap_server(), port=port):
             assert login(client, tag=b"L2") == b"L2 OK You are so in\r\n"
+
+
+@pytest.mark.parametrize("limit", [3, 0])
+def test_max_errors_counts_failed_logins(perdition_factory, dovecot, limit):
+    proxy = perdition_factory(["--max_errors", str(limit)], "IMAP4",
+                              dovecot.imap_port)
+    with greeted(proxy.port) as client:
+        for n in range(2 if limit else 25):
+            assert login(client, b"bob", b"wrong").startswith(b"L1 NO ")
+        if limit:
+            client.send(b"L3 LOGIN bob wrong\r\n")
+            assert wait_for_eof(client) == \
+                b"L3 NO Authentication failed\r\n* BYE Too many errors\r\n"
+            proxy.wait_for_log("127.0.0.1: Too many errors")
+        else:
+            assert login(client) == b"L1 OK You are so in\r\n"
 
 
 def test_server_greeting_like_perdition_is_a_loop(scripted, backend):
