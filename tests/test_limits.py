@@ -102,11 +102,11 @@ def test_login_failure_limit_per_address_across_connections(
         with greeted(proxy.port, source=("127.0.0.2", 0)) as client:
             assert login(client, b"right") == b"a OK You are so in\r\n"
         # Once the window has passed, the address may log in again.
-        with greeted(proxy.port) as client:
-            def logs_in():
+        def logs_in():
+            with greeted(proxy.port) as client:
                 return login(client, b"right") == b"a OK You are so in\r\n"
-            wait_until(logs_in, timeout=TIMEOUT, what="a login after 3 s")
-            assert time.monotonic() - first_failure >= 3 - 0.1
+        wait_until(logs_in, timeout=TIMEOUT, what="a login after 3 s")
+        assert time.monotonic() - first_failure >= 3 - 0.1
         assert len(backend.peers) == 5
 
 

@@ -515,10 +515,12 @@ def test_connect_relog(tmp_path, dovecot):
 
 @pytest.fixture(scope="module")
 def talkative(dovecot, tmp_path_factory):
-    """perdition logging its dialogue (-d -C) in front of Dovecot."""
+    """perdition logging its dialogue (-d -C) in front of Dovecot; the
+    tests send many malformed lines on one connection (--max_errors 0)."""
     tmp = tmp_path_factory.mktemp("talkative")
     running = {
-        protocol: start(Perdition(["-d", "-C"], protocol, tmp,
+        protocol: start(Perdition(["-d", "-C", "--max_errors", "0"],
+                                  protocol, tmp,
                                   backend_port(dovecot, protocol)))
         for protocol in ("IMAP4", "POP3")}
     yield running
