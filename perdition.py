@@ -3653,12 +3653,14 @@ class Perdition:
 
     def reload(self):
         """Read the configuration again and swap a new generation in (a
-        failure changes nothing), then reopen the log."""
+        failure changes nothing), and reopen the log: after logrotate,
+        whether or not the new configuration is good."""
         old = self.generation
         try:
             config, kept = old.config.reread()
             generation = Generation(config, self.hosts, old.number + 1)
         except Exception as e:      # OptionError names the FILE:LINE
+            log.reopen(old.config)
             log.err("Reload failed, keeping generation %d: %s"
                     % (old.number, e))
             return
@@ -4100,7 +4102,9 @@ def wait_for_signals(pipe, timeout):
     """The signal numbers read from the pipe within `timeout` seconds (None:
     until one comes); 0 stands for the end of the last session in a
     stop."""
-    if not select.select([pipe], [], [], timeout)[0]:
+    poll = select.poll()
+    poll.register(pipe, select.POLLIN)
+    if not poll.poll(None if timeout is None else timeout * 1000):
         return b""
     try:
         return os.read(pipe, 512)

@@ -29,7 +29,7 @@ def pytest_unconfigure(config):
 
 
 PACKAGES = ["dovecot-imapd", "dovecot-pop3d", "curl", "openssl", "haproxy",
-            "systemd"]
+            "systemd", "logrotate"]
 
 
 def missing_programs():
@@ -37,7 +37,8 @@ def missing_programs():
     found = {"dovecot": dovecot_binary(), "curl": shutil.which("curl"),
              "openssl": shutil.which("openssl"), "haproxy": haproxy_binary(),
              "systemd-socket-activate": shutil.which(
-                 "systemd-socket-activate", path="/usr/bin")}
+                 "systemd-socket-activate", path="/usr/bin"),
+             "logrotate": shutil.which("logrotate", path="/usr/sbin")}
     return [name for name, path in found.items() if path is None]
 
 

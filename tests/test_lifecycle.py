@@ -21,7 +21,7 @@ import time
 import pytest
 
 from dovecot import Dovecot
-from helpers import (Perdition, RawClient, TIMEOUT, imap_connect,
+from helpers import (PERDITION, Perdition, RawClient, TIMEOUT, imap_connect,
                      pop3_connect, wait_until)
 from support import (big_message, settled_usage, traversable,
                      wait_for_eof, wait_for_usage)
@@ -30,6 +30,7 @@ LOADED_SESSIONS = 120       # logged in, fetching mail across the reload
 WAITING_SESSIONS = 100      # connected, not logged in yet (a fifth in TLS)
 STORM_SECONDS = 20          # as long as the issue's reproduction ran
 STORM_INTERVAL = 0.002
+SERVICE = os.path.join(os.path.dirname(PERDITION), "service")
 
 
 @pytest.fixture(scope="module")
@@ -341,11 +342,18 @@ def test_sighup_storm_during_tls_logins(here, dovecot):
     assert log.count("]: Connect: ") == log.count("]: Close: ")
 
 
-def test_renamed_log_file_then_sighup_logs_to_a_new_file(here, dovecot):
+@pytest.mark.parametrize("configuration", ["good", "broken"])
+def test_renamed_log_file_then_sighup_logs_to_a_new_file(here, dovecot,
+                                                        configuration):
     """As logrotate does it: rename the file, create a new one for the user
-    perdition runs as, send SIGHUP: later lines go to the new file."""
-    with Perdition([], "IMAP4", here, dovecot.imap_port) as proxy:
+    perdition runs as, send SIGHUP: later lines go to the new file, even
+    when the configuration file has gone bad meanwhile (the reload fails,
+    the log is still reopened)."""
+    conf = write(here / "perdition.conf", 'ok_line "fine"\n')
+    with Perdition(["-f", conf], "IMAP4", here, dovecot.imap_port) as proxy:
         login_line(proxy.port, "alice", "alicepw")
+        if configuration == "broken":
+            write(conf, 'ok_line "unterminated\n')
         rotated = proxy.log_file + ".1"
         os.rename(proxy.log_file, rotated)
         nobody = pwd.getpwnam("nobody")
@@ -353,14 +361,46 @@ def test_renamed_log_file_then_sighup_logs_to_a_new_file(here, dovecot):
         os.fchown(fd, nobody.pw_uid, nobody.pw_gid)
         os.close(fd)
         log = proxy.reload()
-        assert "]: Reloaded: generation 2" in log
+        assert ("]: Reloaded: generation 2" if configuration == "good" else
+                f"]: Reload failed, keeping generation 1: {conf}:1: ") in log
+        assert login_line(proxy.port, "bob", "bobpw") == b"a OK fine\r\n"
+        proxy.wait_for_log('Close: 127.0.0.1 user="bob"')
+    with open(rotated) as f:
+        old = f.read()
+    assert 'user="alice"' in old and "bob" not in old
+    assert "Reload" not in old
+    assert "Exiting on signal" in proxy.log()
+
+
+def test_shipped_logrotate_snippet(here, dovecot):
+    """service/logrotate, run by the real logrotate with the paths of this
+    test: the log is rotated, the new file made for nobody, and perdition,
+    sent SIGHUP through its pid file, writes there from then on."""
+    with Perdition([], "IMAP4", here, dovecot.imap_port) as proxy:
+        proxy.wait_for_log("Listening on ")         # the pid file is in
+        login_line(proxy.port, "alice", "alicepw")
+        proxy.wait_for_log('Close: 127.0.0.1 user="alice"')
+        with open(os.path.join(SERVICE, "logrotate")) as f:
+            snippet = f.read()
+        assert "/var/log/perdition.log {" in snippet
+        assert "/var/run/perdition/*.pid" in snippet
+        snippet = snippet.replace("/var/log/perdition.log", proxy.log_file) \
+            .replace("/var/run", proxy.env["PERDITION_VAR_STATE_DIR"])
+        conf = write(here / "logrotate.conf", snippet)
+        subprocess.run(["logrotate", "-f", "-s", str(here / "state"),
+                        str(conf)], check=True, capture_output=True,
+                       timeout=TIMEOUT)
+        rotated = proxy.log_file + ".1"
+        assert os.path.exists(rotated)      # delaycompress: not yet
+        stat = os.stat(proxy.log_file)
+        assert (stat.st_uid, stat.st_mode & 0o777) == \
+            (pwd.getpwnam("nobody").pw_uid, 0o640)
+        proxy.wait_for_log("Reloaded: generation 2")
         login_line(proxy.port, "bob", "bobpw")
         proxy.wait_for_log('Close: 127.0.0.1 user="bob"')
     with open(rotated) as f:
         old = f.read()
     assert 'user="alice"' in old and "bob" not in old
-    assert "Reloaded" not in old
-    assert "Exiting on signal" in proxy.log()
 
 
 def test_no_thread_or_descriptor_leaked_across_reloads(here, dovecot):

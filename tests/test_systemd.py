@@ -139,7 +139,10 @@ def test_notify_ready_status_reload_and_stop(here, dovecot, abstract):
     proxy.env["NOTIFY_SOCKET"] = manager.address
     with manager, proxy:
         ready = manager.wait_for("READY=1")
-        assert "STATUS=0 sessions open" in ready
+        if "STATUS=0 sessions open" not in ready:
+            # The helper's probe connection was still open: its end shows.
+            assert "STATUS=1 sessions open" in ready
+            manager.wait_for("STATUS=0 sessions open")
         assert "Listening on 127.0.0.1 port" in proxy.log()
         client = RawClient(proxy.port)
         client.readline()
