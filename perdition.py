@@ -63,6 +63,7 @@ BUFFER_SIZE = 65536             # pump read size
 LINE_READ = 4096                # read size before login: commands are short
 LINGER_TIME = 2.0               # seconds to read and drop input after an error
 LINGER_BYTES = 16 << 20         # ... and at most this much of it
+PROXY_TTL = 5                   # proxy hops a login may take, as Dovecot's
 PROXY_HEADER_TIME = 3.0         # seconds a balancer has for its PROXY header
 PROXY_HEADER_MAX = 536          # the TCP segment every host takes, which
                                 # proxy-protocol.txt fits both versions in
@@ -474,6 +475,11 @@ OPTIONS = [
     Option("U", "username_from_database", None, "",
            "Log in to the real server with the user name from the popmap "
            "answer user<delimiter>host.", FLAG),
+    Option(None, "forward_client_address", None, "",
+           "Tell the real server the client's address: IMAP ID "
+           "(x-originating-ip ...) where it offers ID, POP3 XCLIENT where "
+           "CAPA lists it, as Dovecot takes them from its "
+           "login_trusted_networks; with a hop count against loops.", FLAG),
     Option(None, "proxy_protocol", "NETWORK[,NETWORK...]", "",
            "Connections from these networks (address[/prefix]) start with "
            "a PROXY protocol header, version 1 or 2, that gives the "
@@ -1946,17 +1952,19 @@ class Command:
     `after_tls`: once TLS is on, or where none is on offer;
     `login_disabled`: while logging in is not allowed (--login_disabled,
     or tls_listen_force before TLS);
-    `credentials`: its arguments carry a password, masked in the log.
+    `credentials`: its arguments carry a password, masked in the log;
+    `option`: the flag without which the command does not exist.
     """
 
     __slots__ = ("verb", "handler", "before_tls", "after_tls",
-                 "login_disabled", "credentials")
+                 "login_disabled", "credentials", "option")
 
     def __init__(self, verb, handler, before_tls=True, after_tls=True,
-                 login_disabled=True, credentials=False):
+                 login_disabled=True, credentials=False, option=None):
         self.verb, self.handler = verb, handler
         self.before_tls, self.after_tls = before_tls, after_tls
         self.login_disabled, self.credentials = login_disabled, credentials
+        self.option = option
 
 
 def command_table(*commands):
@@ -2046,16 +2054,19 @@ class Protocol:
     def check(self, verb, command):
         """The gates: an unknown command, one not allowed with or without
         TLS, a login while logging in is not allowed."""
-        if command is None:
+        if command is None or not self.offered(command):
             raise BadCommand("Unknown command, expected %s"
                              % or_list(c.verb for c in self.commands.values()
-                                       if self.allowed(c)))
+                                       if self.offered(c) and self.allowed(c)))
         if not self.in_tls_state(command):
             raise BadCommand("%s not available" % verb)
         if not command.login_disabled:
             refusal = self.session.login_refusal()
             if refusal:
                 raise BadCommand(refusal)
+
+    def offered(self, command):
+        return command.option is None or getattr(self.config, command.option)
 
     def in_tls_state(self, command):
         return command.before_tls if self.session.tls_offered() \
@@ -2158,7 +2169,7 @@ class POP3(Protocol):
              ProtocolName("POP3S", 995, True, ("pop3s",)))
     map_name = "pop3"
     default_capability = "UIDL  USER"
-    managed_capabilities = ("STLS", "SASL PLAIN")
+    managed_capabilities = ("STLS", "SASL PLAIN", "XCLIENT")
     capability_separator = "  "
     separator_name = "two spaces"
     start_tls_command = "STLS"
@@ -2168,14 +2179,16 @@ class POP3(Protocol):
         Command("PASS", "do_pass", login_disabled=False, credentials=True),
         Command("AUTH", "do_auth", login_disabled=False, credentials=True),
         Command("CAPA", "do_capa"),
+        Command("XCLIENT", "do_xclient", option="forward_client_address"),
         Command("NOOP", "do_noop"),
         Command("STLS", "do_stls", after_tls=False),
         Command("QUIT", "do_quit"))
-    __slots__ = ("user",)
+    __slots__ = ("user", "server_xclient")
 
     def __init__(self, session):
         super().__init__(session)
         self.user = None
+        self.server_xclient = False
 
     # -- towards the client ------------------------------------------------
 
@@ -2185,7 +2198,8 @@ class POP3(Protocol):
 
     def added_capabilities(self):
         return {"STLS": self.session.tls_offered(),
-                "SASL PLAIN": self.plain_login_allowed()}
+                "SASL PLAIN": self.plain_login_allowed(),
+                "XCLIENT": self.config.forward_client_address}
 
     def request(self, line):
         return line.decode("utf-8", "surrogateescape")
@@ -2224,6 +2238,16 @@ class POP3(Protocol):
         else:
             return self.sasl_plain(words[1].encode("utf-8", "surrogateescape")
                                    if len(words) == 2 else None)
+
+    def do_xclient(self, argument):
+        """Dovecot's XCLIENT, from a proxy in front: only its TTL is taken,
+        which can only shorten the way (the address stays the one perdition
+        sees: no client is trusted to name another)."""
+        for word in argument.split():
+            name, _, value = word.partition("=")
+            if name.upper() == "TTL" and value.isascii() and value.isdigit():
+                self.session.note_proxy_ttl(int(value))
+        self.session.reply("+OK")
 
     def do_capa(self, argument):
         self.session.reply("+OK Capability list follows\r\n" + "".join(
@@ -2266,8 +2290,11 @@ class POP3(Protocol):
         return self.expect_ok(server, text.split(" ")[0])
 
     def server_greeting(self, server):
-        """Read the greeting; POP3 greets without capabilities (None)."""
-        self.session.check_greeting(self.expect_ok(server, "Greeting"))
+        """Read the greeting; POP3 greets without capabilities (None), but
+        Dovecot's says [XCLIENT] to the proxies it trusts."""
+        greeting = self.expect_ok(server, "Greeting")
+        self.session.check_greeting(greeting)
+        self.server_xclient = greeting.startswith("+OK [XCLIENT]")
         return None
 
     def server_capabilities(self, server):
@@ -2287,6 +2314,28 @@ class POP3(Protocol):
 
     def server_start_tls(self, server):
         self.command(server, "STLS")
+        self.server_xclient = False     # said before TLS: forgotten
+
+    def server_forward(self, server, capabilities, forwarded):
+        """--forward_client_address: Dovecot's XCLIENT, where the greeting
+        offers it (as Dovecot's does to its login_trusted_networks) or CAPA
+        lists it."""
+        if not self.server_xclient and capabilities is None:
+            capabilities = self.server_capabilities(server)
+        if self.server_xclient or "XCLIENT" in capabilities:
+            names = {"originating-ip": "ADDR", "originating-port": "PORT",
+                     "session-id": "SESSION", "proxy-ttl": "TTL"}
+            words = ["%s=%s" % (names[name], value)
+                     for name, value in forwarded.fields() if name in names]
+            if any(has_controls(w) or " " in w for w in words):
+                raise LoginFailure("Unquotable forwarded address")
+            session = self.session
+            session.send_server(server, "XCLIENT " + " ".join(words))
+            answer = session.read_server_line(server)
+            if not answer.startswith("+OK"):
+                log.info("%s: XCLIENT refused by the real server: %s"
+                         % (session.client_name, log_text(answer)))
+        return capabilities
 
     def server_login(self, server, capabilities, backend, credentials):
         """USER/PASS as the C perdition does; AUTH PLAIN where the server
@@ -2342,6 +2391,11 @@ IMAP_ASTRING_RE = re.compile(rb'[^\x00-\x20(){"\\\x7f]+')
 IMAP_LITERAL_RE = re.compile(rb'\{(\d{1,10})(\+?)\}\Z')
 IMAP_QUOTABLE_RE = re.compile(rb'[\x20-\x7e]*\Z')
 ID_MAX_PAIRS, ID_MAX_KEY, ID_MAX_VALUE = 30, 30, 1024  # RFC 2971 section 3.3
+
+
+def imap_quoted(word):
+    """A quotable word (IMAP_QUOTABLE_RE) as an IMAP quoted string."""
+    return b'"' + word.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
 class IMAPReader:
@@ -2588,6 +2642,9 @@ class IMAP4(Protocol):
                 key = arguments.string()
                 arguments.space()
                 value = None if arguments.nil() else arguments.string()
+                if key.lower() == b"x-proxy-ttl" and value is not None and \
+                        value.isascii() and value.isdigit():
+                    self.session.note_proxy_ttl(int(value))
                 pairs += 1
                 if pairs > ID_MAX_PAIRS or len(key) > ID_MAX_KEY or \
                         value is not None and len(value) > ID_MAX_VALUE:
@@ -2632,8 +2689,7 @@ class IMAP4(Protocol):
             if isinstance(word, str):
                 word = word.encode("utf-8", "surrogateescape")
                 if IMAP_QUOTABLE_RE.match(word):
-                    line += b' "' + word.replace(b"\\", b"\\\\").replace(
-                        b'"', b'\\"') + b'"'
+                    line += b" " + imap_quoted(word)
                 else:
                     session.send_server(server, line + b" {%d}" % len(word),
                                         continuation)
@@ -2671,6 +2727,25 @@ class IMAP4(Protocol):
         answer = self.server_command(server, [b"STARTTLS"])
         if not answer.startswith("OK"):
             raise LoginFailure("STARTTLS: %s" % answer)
+
+    def server_forward(self, server, capabilities, forwarded):
+        """--forward_client_address: ID with the client's address, the
+        fields Dovecot takes from its login_trusted_networks, where the
+        server offers ID; the values quoted as LOGIN's are."""
+        if capabilities is None:
+            capabilities = self.server_capabilities(server)
+        if "ID" in capabilities:
+            fields = [(b"x-" + name.encode(), value.encode())
+                      for name, value in forwarded.fields()]
+            if not all(IMAP_QUOTABLE_RE.match(v) for _, v in fields):
+                raise LoginFailure("Unquotable forwarded address")
+            answer = self.server_command(server, [b"ID", b"(" + b" ".join(
+                imap_quoted(word) for pair in fields for word in pair)
+                + b")"])
+            if not answer.startswith("OK"):
+                log.info("%s: ID refused by the real server: %s"
+                         % (self.session.client_name, log_text(answer)))
+        return capabilities
 
     def server_login(self, server, capabilities, backend, credentials):
         """LOGIN as the C perdition does; AUTHENTICATE PLAIN where the
@@ -2726,6 +2801,21 @@ def plain_address(address):
     host = address[0]
     return (host[7:] if host.startswith("::ffff:") and "." in host
             else host), address[1]
+
+
+class Forwarded(collections.namedtuple("Forwarded", (
+        "client_ip", "client_port", "server_ip", "server_port", "session_id",
+        "ttl"))):
+    """What --forward_client_address tells the real server."""
+
+    def fields(self):
+        """(name, value) in the words of Dovecot's ID fields, less x-."""
+        return [("originating-ip", self.client_ip),
+                ("originating-port", str(self.client_port)),
+                ("connected-ip", self.server_ip),
+                ("connected-port", str(self.server_port)),
+                ("session-id", self.session_id),
+                ("proxy-ttl", str(self.ttl))]
 
 
 class Deadline:
@@ -2869,7 +2959,7 @@ class Session:
                  "inetd_pid", "protocol", "user", "password", "authzid",
                  "backend", "attempts", "received", "sent", "tls_probe",
                  "server", "proxying", "interrupted", "login_clock",
-                 "errors")
+                 "errors", "proxy_ttl", "session_id")
 
     def __init__(self, perdition, generation, sock, host, inetd_pid=None):
         self.perdition = perdition
@@ -2891,6 +2981,8 @@ class Session:
         self.interrupted = None     # why another thread ended the login
         self.login_clock = None
         self.errors = 0             # failed logins and refused commands
+        self.proxy_ttl = None       # hops left, as a proxy in front says
+        self.session_id = None      # made when forwarded
 
     @property
     def client_name(self):
@@ -3089,6 +3181,9 @@ class Session:
         (connection, line).  One that cannot is held back for
         --server_hold_time and the next one tried; a refusal of the
         credentials is an answer, never a reason to try another."""
+        if self.hops_left() <= 0:
+            raise LoginFailure("Proxy loop: no hops left (x-proxy-ttl/TTL "
+                               "%d)" % self.proxy_ttl, "Too many proxy hops")
         backend, holds = self.backend, self.perdition.holds
         servers = holds.order(backend.servers)
         for n, server in enumerate(servers, 1):
@@ -3126,6 +3221,23 @@ class Session:
         raise ServerUnreachable("TLS: the server's certificate keeps "
                                 "changing")
 
+    def note_proxy_ttl(self, ttl):
+        """A proxy in front says how many hops the login has left (IMAP
+        x-proxy-ttl, POP3 XCLIENT TTL=); the lowest counts."""
+        self.proxy_ttl = ttl if self.proxy_ttl is None \
+            else min(ttl, self.proxy_ttl)
+
+    def hops_left(self):
+        """What this hop passes on: one less than it was given."""
+        return (PROXY_TTL if self.proxy_ttl is None else self.proxy_ttl) - 1
+
+    def forwarded(self):
+        if self.session_id is None:
+            self.session_id = binascii.b2a_base64(os.urandom(9),
+                                                  newline=False).decode()
+        return Forwarded(self.client_ip, self.client_port, self.server_ip,
+                         self.server_port, self.session_id, self.hops_left())
+
     def log_in_to(self, server):
         """The back-end login, one sequence for every protocol, which
         supplies the parts: TLS at once (ssl_outgoing), the greeting and
@@ -3155,6 +3267,9 @@ class Session:
             raise ServerUnreachable("Server error: %s"
                                     % (e or type(e).__name__)) from None
         server.settimeout(self.config.authentication_timeout)
+        if self.config.forward_client_address:
+            capabilities = protocol.server_forward(server, capabilities,
+                                                   self.forwarded())
         return protocol.server_login(server, capabilities, self.backend,
                                      Credentials(self.user, self.password,
                                                  self.authzid))

@@ -82,6 +82,7 @@ SAMPLES = {
     "connect_timeout": ("5", 5),
     "server_hold_time": ("30", 30),
     "max_errors": ("20", 20),
+    "forward_client_address": FLAG,
     "proxy_protocol": ("10.0.0.0/8, 192.0.2.1,::1",
                        [ipaddress.ip_network("10.0.0.0/8"),
                         ipaddress.ip_network("192.0.2.1/32"),
