@@ -22,6 +22,7 @@ from dovecot import Dovecot, default_users
 from helpers import TIMEOUT
 
 __all__ = ["SPECIAL_USERS", "special_dovecot", "big_message", "wait_for_eof",
+           "log_in_and_out",
            "receive_at_least", "curl", "closes", "wait_for_closes",
            "traversable", "usage",
            "settled_usage", "wait_for_usage", "ServiceManager", "Peer",
@@ -92,6 +93,23 @@ def wait_for_eof(client, timeout=TIMEOUT, reset=False):
         if not chunk:
             return bytes(data)
         data += chunk
+
+
+def log_in_and_out(client, protocol, user=b"alice", password=b"alicepw"):
+    """On a greeted RawClient, log in (IMAP LOGIN or POP3 USER/PASS) and
+    out again; return the answer to the login, after the end."""
+    if protocol.startswith("IMAP"):
+        client.send(b"a LOGIN %s %s\r\n" % (user, password))
+        answer = client.readline()
+        client.send(b"b LOGOUT\r\n")
+    else:
+        client.send(b"USER %s\r\n" % user)
+        client.readline()
+        client.send(b"PASS %s\r\n" % password)
+        answer = client.readline()
+        client.send(b"QUIT\r\n")
+    wait_for_eof(client)
+    return answer
 
 
 def receive_at_least(client, size):

@@ -9,6 +9,7 @@ import pytest
 
 from dovecot import Dovecot
 from helpers import Perdition, RawClient, TIMEOUT, wait_until
+from support import log_in_and_out
 
 CLIENT = "127.0.0.5"
 
@@ -26,18 +27,7 @@ def log_in(port, protocol, source=None):
     """Log in as alice; return perdition's answer to the login."""
     with RawClient(port, source=source) as client:
         client.readline()
-        if protocol == "IMAP4":
-            client.send(b"a LOGIN alice alicepw\r\n")
-            answer = client.readline()
-            client.send(b"b LOGOUT\r\n")
-        else:
-            client.send(b"USER alice\r\n")
-            client.readline()
-            client.send(b"PASS alicepw\r\n")
-            answer = client.readline()
-            client.send(b"QUIT\r\n")
-        client.read_until(b"\n")
-        return answer
+        return log_in_and_out(client, protocol)
 
 
 def dovecot_login_line(dovecot, protocol, count):

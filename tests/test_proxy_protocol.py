@@ -18,7 +18,7 @@ import pytest
 from dovecot import Dovecot
 from haproxy import HAProxy
 from helpers import RawClient
-from support import wait_for_eof
+from support import log_in_and_out, wait_for_eof
 
 CLIENT = "127.0.0.5"
 V2 = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -53,18 +53,7 @@ def log_in(client, protocol):
     """Log in as alice and out again; return the login's answer."""
     assert client.readline().startswith(b"* OK" if protocol.startswith(
         "IMAP") else b"+OK")
-    if protocol.startswith("IMAP"):
-        client.send(b"a LOGIN alice alicepw\r\n")
-        answer = client.readline()
-        client.send(b"b LOGOUT\r\n")
-    else:
-        client.send(b"USER alice\r\n")
-        client.readline()
-        client.send(b"PASS alicepw\r\n")
-        answer = client.readline()
-        client.send(b"QUIT\r\n")
-    wait_for_eof(client)
-    return answer
+    return log_in_and_out(client, protocol)
 
 
 @pytest.mark.parametrize("version", [1, 2])
