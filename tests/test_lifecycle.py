@@ -266,13 +266,15 @@ def test_restart_only_options_keep_their_values(here, dovecot):
         write(conf, f"protocol POP3\nlisten_port {proxy.port + 1}\n"
                     f"pid_file {pid_file}.new\nusername daemon\n"
                     f"group daemon\ninetd_mode\nno_daemon\n"
+                    f"authenticate_in\n"
                     'ok_line "two"\n')
         log = proxy.reload()
         for name, value in [("protocol", '"IMAP4"'),
                             ("listen_port", str(proxy.port)),
                             ("pid_file", f'"{pid_file}"'),
                             ("username", '"nobody"'), ("group", '"nobody"'),
-                            ("inetd_mode", "False")]:
+                            ("inetd_mode", "False"),
+                            ("authenticate_in", "False")]:
             assert f"]: Reload: option --{name} cannot change without a " \
                 f"restart; keeping {value}\n" in log
         assert "option --no_daemon" not in log      # on the command line
@@ -337,6 +339,9 @@ def test_sighup_storm_during_tls_logins(here, dovecot):
             assert proxy.proc.wait(5 + 5) == 0      # the grace, and more
             assert raw.readline() == b"* BYE Server shutting down\r\n"
     log = proxy.log()
+    # One reload at a time, and the requests made during one fold into one.
+    assert 0 < log.count("]: Reloaded: generation") < sent
+    assert "Reload failed" not in log
     assert "Stopped: 1 sessions were open, 0 finished in the grace period, " \
         "1 ended\n" in log
     assert log.count("]: Connect: ") == log.count("]: Close: ")
