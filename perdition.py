@@ -4303,16 +4303,14 @@ def shut_down(perdition, servers, read, write, signum):
 
 
 def wait_for_sessions(perdition, pipe, seconds):
-    """Wait up to `seconds` for every session to end; True when a
-    further SIGTERM or SIGINT cut the wait short."""
+    """Wait up to `seconds` for every session to end, or until a further
+    SIGTERM or SIGINT."""
     deadline = time.monotonic() + seconds
     while perdition.active:
         left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        if any(signum in STOPS for signum in wait_for_signals(pipe, left)):
-            return True
-    return False
+        if left <= 0 or any(signum in STOPS for signum in
+                            wait_for_signals(pipe, left)):
+            return
 
 
 def main(argv=None):
