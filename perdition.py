@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""perdition -- a POP3 and IMAP4 proxy server.
+"""perdition -- a POP3, IMAP4 and ManageSieve proxy server.
 
-A user connects to perdition and logs in with USER/PASS or LOGIN.  perdition
+A user connects to perdition and logs in with USER/PASS, LOGIN or SASL
+PLAIN (AUTHENTICATE in IMAP and ManageSieve, AUTH in POP3).  perdition
 looks the user up in its popmap, connects to that user's real server, logs in
 there with the same credentials and from then on copies bytes both ways.
 
@@ -10,12 +11,13 @@ This module is the whole server; drop it onto a machine and run
     python3 perdition.py -P IMAP4S ...
 
 or invoke it under one of the names perdition.pop3, perdition.pop3s,
-perdition.imap4, perdition.imap4s or perdition.imaps (a symlink will do) to
-pick the protocol.  The manual page, man/perdition.8, describes every option.
+perdition.imap4, perdition.imap4s, perdition.imaps or perdition.managesieve
+(a symlink will do) to pick the protocol.  The manual page, man/perdition.8,
+describes every option.
 
 The sections follow the data: options and configuration; logging; user-name
 handling; local authentication; back-end selection; TLS and connections; the
-two protocols; the session; the pump; the server and main().
+protocols; the session; the pump; the server and main().
 """
 
 import _thread
@@ -398,7 +400,7 @@ OPTIONS = [
     Option("I", "capability", "STRING", None,
            lambda: "Capabilities: %s.  perdition adds and removes these "
            "itself, as the connection's state says: %s." % (
-               ", ".join('%s ones separated by %s (default "%s")'
+               ", ".join('%s ones separated by %s (default \'%s\')'
                          % (cls.names[0].name, cls.separator_name,
                             cls.default_capability)
                          for cls in protocol_classes()),
@@ -406,7 +408,8 @@ OPTIONS = [
                    cls.managed_capabilities))
                    for cls in protocol_classes())),
            parse_wire_text,
-           aliases=("pop_capability", "imap_capability")),
+           # register() adds each protocol's name for it: imap_capability
+           ),
     Option("i", "inetd_mode", None, "", "Run in inetd mode.", FLAG),
     Option("L", "connection_limit", "LIMIT", "0",
            "Maximum simultaneous connections; 0 for no limit.", parse_count),
@@ -1991,6 +1994,9 @@ def register(cls):
     for entry in cls.names:
         entry.protocol_class = cls
         PROTOCOLS[entry.name] = entry
+    capability = OPTIONS_BY_NAME["capability"]
+    capability.aliases += (cls.capability_alias,)
+    OPTIONS_BY_NAME[cls.capability_alias] = capability
     return cls
 
 
@@ -2020,6 +2026,7 @@ class Protocol:
     managed_capabilities = ()   # the words perdition adds and removes
     capability_separator = " "
     separator_name = "a space"  # for the help text
+    capability_alias = ""       # another name of -I, e.g. imap_capability
     start_tls_command = ""
     commands = {}
     verb_word = 0               # which word of a command line is the verb
@@ -2114,6 +2121,15 @@ class Protocol:
             if c.strip() and c.split()[0].upper() not in names]
         return words + [c for c in self.managed_capabilities if stands[c]]
 
+    def own_greeting(self, hostname):
+        """The line by which perdition knows itself behind a real server."""
+        return self.greeting(hostname)
+
+    def server_after_tls(self, server):
+        """What the real server says unasked once TLS is up: capabilities,
+        or None."""
+        return None
+
     def plain_login_allowed(self):
         """LOGIN, USER/PASS and SASL PLAIN are offered exactly when this
         is true: not under --login_disabled, nor before TLS with
@@ -2126,13 +2142,8 @@ class Protocol:
         """The credentials of a SASL PLAIN exchange.  `response` is the
         initial response ('=' for an empty one), or None: then the client
         is asked for it with a continuation, and '*' cancels."""
-        session = self.session
         if response is None:
-            session.reply(self.sasl_continuation, continuation=True)
-            response = session.read_client_bytes()
-            session.log_dialogue("client", response, True)
-            if response == b"*":
-                raise BadCommand("Authentication cancelled")
+            response = self.read_sasl_response()
         elif response == b"=":
             response = b""
         try:
@@ -2145,6 +2156,17 @@ class Protocol:
         authzid, user, password = (part.decode("utf-8", "surrogateescape")
                                    for part in parts)
         return Credentials(user, password, "" if authzid == user else authzid)
+
+    def read_sasl_response(self):
+        """Ask for the SASL response with an empty challenge and read it:
+        a line of base64, '*' to cancel."""
+        session = self.session
+        session.reply(self.sasl_continuation, continuation=True)
+        response = session.read_client_bytes()
+        session.log_dialogue("client", response, True)
+        if response == b"*":
+            raise BadCommand("Authentication cancelled")
+        return response
 
     @staticmethod
     def sasl_plain_response(backend, credentials):
@@ -2172,6 +2194,7 @@ class POP3(Protocol):
     managed_capabilities = ("STLS", "SASL PLAIN", "XCLIENT")
     capability_separator = "  "
     separator_name = "two spaces"
+    capability_alias = "pop_capability"
     start_tls_command = "STLS"
     sasl_continuation = "+ "
     commands = command_table(
@@ -2406,12 +2429,15 @@ class IMAPReader:
     a literal is read with the line that follows it.  A whole command,
     literals and all, is at most MAX_COMMAND bytes."""
 
-    __slots__ = ("session", "line", "rest", "size")
+    __slots__ = ("session", "line", "rest", "size", "prompt")
 
-    def __init__(self, session, line):
+    def __init__(self, session, line, prompt="+ Ready for argument"):
         self.session = session
         self.line = self.rest = line
         self.size = len(line)
+        # The go-ahead for a synchronising literal; None where there is
+        # none (ManageSieve): then the client sends every literal at once.
+        self.prompt = prompt
 
     def at_end(self):
         return not self.rest
@@ -2485,13 +2511,14 @@ class IMAPReader:
 
     def literal(self):
         match = IMAP_LITERAL_RE.match(self.rest)
-        size, synchronising = int(match.group(1)), not match.group(2)
+        size = int(match.group(1))
+        synchronising = not match.group(2) and self.prompt is not None
         if size > MAX_LITERAL:
             if synchronising:
                 raise BadCommand("Literal too long")
             raise ProtocolError("Literal too long")
         if synchronising:
-            self.session.reply("+ Ready for argument")
+            self.session.reply(self.prompt)
         value = self.session.client.read_exact(size)
         self.next_line(size)
         if b"\0" in value:      # RFC 3501: no NUL in a literal
@@ -2512,7 +2539,7 @@ class IMAPReader:
         told to.)"""
         while True:
             match = IMAP_LITERAL_RE.search(self.line)
-            if not match or not match.group(2):
+            if not match or not match.group(2) and self.prompt is not None:
                 return
             size = int(match.group(1))
             if size > MAX_LITERAL:
@@ -2535,6 +2562,7 @@ class IMAP4(Protocol):
     default_capability = "IMAP4 IMAP4REV1"
     managed_capabilities = ("ID", "STARTTLS", "LOGINDISABLED", "AUTH=PLAIN",
                             "SASL-IR")
+    capability_alias = "imap_capability"
     start_tls_command = "STARTTLS"
     sasl_continuation = "+ "
     commands = command_table(
@@ -2790,6 +2818,201 @@ class IMAP4(Protocol):
                 return answer
             if answer.startswith("+"):  # PLAIN has one step only
                 raise LoginFailure("AUTHENTICATE: a second challenge")
+
+
+def sieve_string(text):
+    """A ManageSieve quoted string (RFC 5804 section 4)."""
+    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+SIEVE_CAPABILITY_RE = re.compile(r'"([^"]*)"(?: +"([^"]*)")?')
+
+
+@register
+class ManageSieve(Protocol):
+    """RFC 5804 up to AUTHENTICATE, as the C perdition 2.2 proxies it.
+
+    The greeting is the capability response; commands have no tags; every
+    refusal is NO.  Strings are the IMAP grammar's (IMAPReader), with
+    non-synchronising literals only, as RFC 5804 has them from clients.
+    """
+
+    names = (ProtocolName("MANAGESIEVE", 4190, False, ("managesieve",)),)
+    map_name = "managesieve"
+    default_capability = (
+        '"IMPLEMENTATION" "perdition"  "SIEVE" "fileinto reject envelope '
+        'encoded-character vacation subaddress comparator-i;ascii-numeric '
+        'relational regex imap4flags copy include variables body enotify '
+        'environment mailbox date"  "NOTIFY" "mailto"  "VERSION" "1.0"')
+    managed_capabilities = ('"SASL" "PLAIN"', '"STARTTLS"')
+    capability_separator = "  "
+    separator_name = "two spaces"
+    capability_alias = "managesieve_capability"
+    start_tls_command = "STARTTLS"
+    commands = command_table(
+        Command("AUTHENTICATE", "do_authenticate", login_disabled=False,
+                credentials=True),
+        Command("CAPABILITY", "do_capability"),
+        Command("NOOP", "do_noop"),
+        Command("STARTTLS", "do_starttls", after_tls=False),
+        Command("LOGOUT", "do_logout"))
+    __slots__ = ()
+
+    # -- towards the client ------------------------------------------------
+
+    def greeting(self, hostname):
+        return self.capability_response() + "\r\n" + \
+            self.own_greeting(hostname)
+
+    @staticmethod
+    def own_greeting(hostname):
+        return 'OK "ManageSieve Ready %s"' % hostname
+
+    def capability_response(self):
+        return "\r\n".join(self.capabilities())
+
+    def added_capabilities(self):
+        return {'"SASL" "PLAIN"': self.plain_login_allowed(),
+                '"STARTTLS"': self.session.tls_offered()}
+
+    def request(self, line):
+        return IMAPReader(self.session, line, prompt=None)
+
+    def parse(self, reader):
+        if b"\0" in reader.line:
+            raise BadCommand("Invalid character in command")
+        verb = reader.line.partition(b" ")[0]
+        reader.rest = reader.line[len(verb):]
+        return verb.upper().decode("latin-1"), reader
+
+    def discard(self, reader):
+        reader.skip()
+
+    def error(self, text):
+        return "NO %s" % sieve_string(text)
+
+    def do_capability(self, arguments):
+        arguments.end()
+        self.session.reply(self.capability_response() +
+                           '\r\nOK "Capability completed."')
+
+    def do_noop(self, arguments):
+        """NOOP with a tag echoes it (RFC 5804 section 2.13)."""
+        tag = None
+        if not arguments.at_end():
+            arguments.space()
+            tag = arguments.string()
+            if not IMAP_QUOTABLE_RE.match(tag):
+                raise BadCommand("Invalid tag")
+        arguments.end()
+        self.session.reply('OK (TAG %s) "Done"' % sieve_string(tag.decode())
+                           if tag is not None else 'OK "Done"')
+
+    def do_logout(self, arguments):
+        arguments.end()
+        self.session.reply('OK "Logout completed."')
+        return QUIT
+
+    def do_starttls(self, arguments):
+        """After the handshake the capabilities again (RFC 5804 2.2)."""
+        arguments.end()
+        self.session.reply('OK "Begin TLS negotiation now."')
+        self.session.start_tls_listen()
+        self.session.reply(self.capability_response() +
+                           '\r\nOK "TLS negotiation successful."')
+
+    def do_authenticate(self, arguments):
+        """AUTHENTICATE "PLAIN", the initial response a string if any."""
+        arguments.space()
+        mechanism = arguments.string()
+        if mechanism.upper() != b"PLAIN":
+            arguments.skip()
+            self.session.reply('NO "Unsupported authentication mechanism"')
+            return None
+        response = None
+        if not arguments.at_end():
+            arguments.space()
+            response = arguments.string() or b"="
+        arguments.end()
+        return self.sasl_plain(response)
+
+    def read_sasl_response(self):
+        """The challenge is an empty string; the answer a string, "*" to
+        cancel."""
+        session = self.session
+        session.reply('""', continuation=True)
+        line = session.read_client_bytes()
+        session.log_dialogue("client", line, True)
+        reader = IMAPReader(session, line, prompt=None)
+        response = reader.string()
+        reader.end()
+        if response == b"*":
+            raise BadCommand("Authentication cancelled")
+        return response or b"="
+
+    def ok(self, server_line):
+        if self.config.server_resp_line:
+            return server_line
+        return "OK %s" % sieve_string(self.config.ok_line)
+
+    def failure(self, text):
+        return "NO %s" % sieve_string(text)
+
+    @staticmethod
+    def farewell(text):
+        return "BYE %s" % sieve_string(text)
+
+    # -- towards the real server -------------------------------------------
+
+    def read_capabilities(self, server):
+        """A capability response up to its OK: (words, the OK line).  The
+        mechanisms of "SASL" become AUTH=<name>, as IMAP names them."""
+        words = set()
+        for line in self.session.server_lines(server):
+            if line.startswith(("OK", "NO", "BYE")):
+                if not line.startswith("OK"):
+                    raise LoginFailure("Capabilities: %s" % line)
+                return frozenset(words), line
+            match = SIEVE_CAPABILITY_RE.match(line)
+            if match:
+                name = match.group(1).upper()
+                words.add(name)
+                if name == "SASL":
+                    words.update("AUTH=" + word for word in
+                                 (match.group(2) or "").upper().split())
+
+    def server_greeting(self, server):
+        capabilities, line = self.read_capabilities(server)
+        self.session.check_greeting(line)
+        return capabilities
+
+    def server_capabilities(self, server):
+        self.session.send_server(server, "CAPABILITY")
+        return self.read_capabilities(server)[0]
+
+    def server_start_tls(self, server):
+        self.session.send_server(server, "STARTTLS")
+        answer = self.session.read_server_line(server)
+        if not answer.startswith("OK"):
+            raise LoginFailure("STARTTLS: %s" % answer)
+
+    def server_after_tls(self, server):
+        """RFC 5804 section 2.2: the server says its capabilities again
+        inside TLS; those said before are forgotten."""
+        return self.read_capabilities(server)[0]
+
+    def server_login(self, server, capabilities, backend, credentials):
+        if capabilities is None:
+            capabilities = self.server_capabilities(server)
+        if "AUTH=PLAIN" not in capabilities:
+            raise LoginFailure("Server does not offer SASL PLAIN")
+        session = self.session
+        session.send_server(server, b'AUTHENTICATE "PLAIN" "%s"' %
+                            self.sasl_plain_response(backend, credentials))
+        answer = session.read_server_line(server)
+        if not answer.startswith("OK"):
+            raise LoginFailure("AUTHENTICATE: %s" % answer)
+        return answer
 
 
 # ---------------------------------------------------------------------------
@@ -3260,7 +3483,7 @@ class Session:
                     protocol.server_start_tls(server)
                     if not self.handshake_outgoing(server):
                         return None
-                    capabilities = None
+                    capabilities = protocol.server_after_tls(server)
         except LoginFailure as e:
             raise ServerUnreachable(str(e), e.client_text) from None
         except (OSError, EOFError, ProtocolError, ssl.SSLError) as e:
@@ -3432,7 +3655,7 @@ class Session:
 
     def check_greeting(self, greeting):
         """perdition connecting to itself would loop for ever."""
-        if greeting.strip() == self.protocol.greeting(self.hostname):
+        if greeting.strip() == self.protocol.own_greeting(self.hostname):
             raise LoginFailure("Re-Authentication Failure",
                                "Re-Authentication Failure")
 

@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from dovecot import Dovecot, dovecot_binary
+from dovecot import Dovecot, dovecot_binary, managesieve_binary
 from haproxy import haproxy_binary
 from helpers import Perdition
 
@@ -28,8 +28,9 @@ def pytest_unconfigure(config):
         shutil.rmtree(config.own_basetemp, ignore_errors=True)
 
 
-PACKAGES = ["dovecot-imapd", "dovecot-pop3d", "curl", "openssl", "haproxy",
-            "systemd", "logrotate"]
+PACKAGES = ["dovecot-imapd", "dovecot-pop3d", "dovecot-managesieved",
+            "sieve-connect", "curl", "openssl", "haproxy", "systemd",
+            "logrotate"]
 
 
 def missing_programs():
@@ -38,7 +39,9 @@ def missing_programs():
              "openssl": shutil.which("openssl"), "haproxy": haproxy_binary(),
              "systemd-socket-activate": shutil.which(
                  "systemd-socket-activate", path="/usr/bin"),
-             "logrotate": shutil.which("logrotate", path="/usr/sbin")}
+             "logrotate": shutil.which("logrotate", path="/usr/sbin"),
+             "sieve-connect": shutil.which("sieve-connect"),
+             "dovecot-managesieved": managesieve_binary()}
     return [name for name, path in found.items() if path is None]
 
 

@@ -36,6 +36,13 @@ def dovecot_binary():
     return shutil.which("dovecot", path=path)
 
 
+def managesieve_binary():
+    """Path of Dovecot's ManageSieve login process (Debian's
+    dovecot-managesieved), or None."""
+    path = "/usr/lib/dovecot/managesieve-login"
+    return path if os.access(path, os.X_OK) else None
+
+
 _handed_out = set()
 
 
@@ -64,7 +71,7 @@ CONFIG = """\
 base_dir = {base_dir}
 state_dir = {state_dir}
 log_path = {log_path}
-protocols = imap pop3
+protocols = imap pop3 sieve
 listen = 127.0.0.1
 shutdown_clients = yes
 
@@ -135,6 +142,17 @@ service anvil {{
     mode = 0
   }}
 }}
+service managesieve-login {{
+  inet_listener sieve {{
+    address = 127.0.0.1
+    port = {sieve_port}
+  }}
+  service_count = 0
+  process_limit = 2
+}}
+plugin {{
+  sieve = file:~/sieve;active=~/.dovecot.sieve
+}}
 service imap {{
   process_limit = 1000
 }}
@@ -193,7 +211,7 @@ class Dovecot:
     *users* maps user names to passwords (default: default_users()); *extra*
     is appended verbatim to the configuration file.  Ports are chosen by
     start() and are attributes afterwards: imap_port, pop3_port, imaps_port
-    and pop3s_port.  cert_file is the server certificate and doubles as the
+    and pop3s_port, and sieve_port for ManageSieve.  cert_file is the server certificate and doubles as the
     CA file that clients verify it against (names localhost and 127.0.0.1).
     """
 
@@ -209,6 +227,7 @@ class Dovecot:
         self.mail_root = os.path.join(self.tmpdir, "mail")
         self.imap_port = self.pop3_port = None
         self.imaps_port = self.pop3s_port = None
+        self.sieve_port = None      # ManageSieve (RFC 5804)
         self.proc = None
         pw = pwd.getpwnam(MAIL_USER)
         self._uid, self._gid = pw.pw_uid, pw.pw_gid
@@ -290,6 +309,7 @@ class Dovecot:
     def _write_config(self):
         self.imap_port, self.pop3_port = free_port(), free_port()
         self.imaps_port, self.pop3s_port = free_port(), free_port()
+        self.sieve_port = free_port()
         self._mkdir(os.path.join(self.tmpdir, "state"))
         with open(self.config_file, "w") as f:
             f.write(CONFIG.format(
@@ -307,6 +327,7 @@ class Dovecot:
                 imaps_port=self.imaps_port,
                 pop3_port=self.pop3_port,
                 pop3s_port=self.pop3s_port,
+                sieve_port=self.sieve_port,
                 extra=self.extra))
 
     def ports(self):
@@ -327,7 +348,7 @@ class Dovecot:
                 stdin=subprocess.DEVNULL, stdout=err, stderr=err)
         deadline = time.monotonic() + START_TIMEOUT
         try:
-            for port in self.ports():
+            for port in self.ports() + (self.sieve_port,):
                 self._wait_for_port(port, deadline)
             self._wait_for_greeting(deadline)
         except Exception as exc:

@@ -350,6 +350,7 @@ class ScriptedBackend:
         self.peers = []         # since the last reset()
         self.every_peer = []
         self.stopping = threading.Event()
+        self._listing = threading.Lock()
         self.acceptor = threading.Thread(target=self._accept, daemon=True)
         self.acceptor.start()
 
@@ -363,12 +364,16 @@ class ScriptedBackend:
             peer = Peer(sock)
             peer.thread = threading.Thread(
                 target=self._serve, args=(self.script, peer), daemon=True)
-            peer.thread.start()
-            self.peers.append(peer)
-            self.every_peer.append(peer)
+            # Listed before its script runs: a test may look at received()
+            # as soon as the script has answered.
+            with self._listing:
+                peer.thread.start()
+                self.peers.append(peer)
+                self.every_peer.append(peer)
 
-    @staticmethod
-    def _serve(script, peer):
+    def _serve(self, script, peer):
+        with self._listing:     # until the acceptor has listed the peer
+            pass
         try:
             script(peer)
         # ssl.SSLError is an OSError; ValueError: I/O on a closed socket
