@@ -13,6 +13,7 @@ server where a login must go through; a scripted back-end shows that a
 refused login reaches no server at all.
 """
 
+import base64
 import ctypes
 import imaplib
 import os
@@ -377,3 +378,25 @@ def test_without_libpam_a_stops_start_up(tmp_path, library, reason):
         assert "option -a, --authenticate_in: " in result.stderr
         assert reason in result.stderr
 
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_sasl_plain_takes_the_same_way_through_pam(pam, dovecot, tmp_path,
+                                                   protocol):
+    """AUTHENTICATE PLAIN / AUTH PLAIN credentials are checked by PAM like
+    LOGIN's and USER/PASS's: a refusal reaches no server, the right
+    password reaches Dovecot."""
+    port = dovecot.imap_port if protocol == "IMAP4" else dovecot.pop3_port
+    line = (b"a AUTHENTICATE PLAIN %s\r\n" if protocol == "IMAP4"
+            else b"AUTH PLAIN %s\r\n")
+    with pam.proxy([], protocol, tmp_path, port) as proxy, \
+            RawClient(proxy.port) as client:
+        client.readline()
+        client.send(line % base64.b64encode(b"\0alice\0wrongpw"))
+        assert client.readline().startswith((b"a NO ", b"-ERR "))
+        proxy.wait_for_log(AUTH_FAILURE)
+        client.send(line % base64.b64encode(b"\0alice\0alicepw"))
+        assert client.readline().endswith(b"OK You are so in\r\n")
+        proxy.wait_for_log('user="alice" passwd="XXXXXX" server="127.0.0.1" '
+                           'port="%d" status=ok' % port)
+    assert pam.seen() == ["alice 127.0.0.1"] * 2
