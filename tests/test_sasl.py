@@ -456,3 +456,22 @@ def test_sasl_user_names_are_rewritten_like_login_ones(perdition_factory,
                 b"+OK You are so in\r\n"
     proxy.wait_for_log('Auth: 127.0.0.1 user="user31@example.com" '
                        'passwd="XXXXXX" server="127.0.0.1"')
+
+
+@pytest.mark.parametrize("protocol", ["IMAP4", "POP3"])
+def test_log_passwd_always_shows_the_sasl_password(perdition_factory,
+                                                   dovecot, protocol):
+    """The --log_passwd rules hold for SASL as for LOGIN and PASS."""
+    proxy = perdition_factory(
+        ["-d", "-C", "--log_passwd", "always"], protocol,
+        dovecot.imap_port if protocol == "IMAP4" else dovecot.pop3_port)
+    response = b64("\0user32\0pw32")
+    with greeted(proxy.port) as client:
+        if protocol == "IMAP4":
+            assert command(client, b"a AUTHENTICATE PLAIN " + response) == \
+                b"a OK You are so in\r\n"
+        else:
+            assert pop3_line(client, b"AUTH PLAIN " + response) == \
+                b"+OK You are so in\r\n"
+    log = proxy.wait_for_log('Auth: 127.0.0.1 user="user32" passwd="pw32" ')
+    assert response.decode() in log and "XXXXXX" not in log
