@@ -1271,6 +1271,8 @@ class ServerHolds:
     def order(self, servers):
         """The servers to try: those not held back, or all of them when
         every one is (trying all again beats trying none)."""
+        if not self._until:         # the usual case: none held
+            return servers
         now = time.monotonic()
         with self._lock:
             open_ = [s for s in servers if self._until.get(s, 0) <= now]
@@ -3067,7 +3069,10 @@ class Deadlines:
     def __init__(self):
         self._heap = []
         self._serial = itertools.count()
-        self._lock = threading.Condition(threading.Lock())
+        # add() and cancel() take the bare lock (a Condition's own with
+        # costs two Python calls per login); the runner waits on it.
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
         self._thread = None
 
     def add(self, seconds, function, *args):
@@ -3080,7 +3085,7 @@ class Deadlines:
                                                 name="deadlines", daemon=True)
                 self._thread.start()
             elif self._heap[0] is entry:
-                self._lock.notify()
+                self._wakeup.notify()
         return entry
 
     def cancel(self, entry):
@@ -3093,11 +3098,11 @@ class Deadlines:
         with self._lock:
             while True:
                 if not self._heap:
-                    self._lock.wait()
+                    self._wakeup.wait()
                     continue
                 delay = self._heap[0].when - time.monotonic()
                 if delay > 0:
-                    self._lock.wait(delay)
+                    self._wakeup.wait(delay)
                     continue
                 entry = heapq.heappop(self._heap)
                 if entry.function is not None:
@@ -3164,10 +3169,9 @@ def connection_addresses(sock):
     exec, socat, a supervisor's socketpair) is what tcpserver put in
     TCPREMOTEIP/TCPREMOTEPORT and TCPLOCALIP/TCPLOCALPORT, else empty: the
     log says unknown and the query-key escapes are empty."""
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        return plain_address(sock.getpeername()) \
-            + plain_address(sock.getsockname())
-    sock.getpeername()          # connected, or OSError
+    peer = sock.getpeername()   # connected, or OSError
+    if isinstance(peer, tuple):  # an IP address, not a UNIX-domain path
+        return plain_address(peer) + plain_address(sock.getsockname())
     return environment_address("REMOTE") + environment_address("LOCAL")
 
 
@@ -3225,9 +3229,11 @@ class Session:
             if config.login_timeout:
                 self.login_clock = self.perdition.deadlines.add(
                     config.login_timeout, self.interrupt, "Login timeout")
-            if self.client.sock.family != socket.AF_UNIX:
+            try:
                 self.client.sock.setsockopt(socket.IPPROTO_TCP,
                                             socket.TCP_NODELAY, 1)
+            except OSError:         # a UNIX-domain socket under -i
+                pass
             self.client.settimeout(config.authentication_timeout)
             if "ssl_listen" in config.ssl_mode:
                 self.client.start_tls(self.generation.listen_context, True)
@@ -3351,8 +3357,9 @@ class Session:
                 except (OSError, EOFError, ProtocolError, ssl.SSLError) as e:
                     raise LoginFailure("Server error: %s"
                                        % (e or type(e).__name__)) from None
-                if self.login_clock is not None and \
-                        not self.perdition.deadlines.cancel(self.login_clock):
+                clock, self.login_clock = self.login_clock, None
+                if clock is not None and \
+                        not self.perdition.deadlines.cancel(clock):
                     server.close()          # the clock ran out just now
                     raise ClientGone
             except ClientGone:
@@ -3975,7 +3982,7 @@ class Perdition:
         self.workers = Workers()
         self.active = 0         # admitted connections
         self.sessions = set()   # sessions running, for relog and the stop
-        self.addresses = collections.Counter()     # sessions per client
+        self.addresses = {}     # client address -> its sessions open
         self.deadlines = Deadlines()
         self.failures = LoginFailureLimit()
         self.holds = ServerHolds()
@@ -4051,17 +4058,20 @@ class Perdition:
         open, for --client_connection_limit."""
         with self.lock:
             self.sessions.add(session)
-            self.addresses[session.client_ip] += 1
+            count = self.addresses.get(session.client_ip, 0) + 1
+            self.addresses[session.client_ip] = count
             if self.ending:
                 session.end()
-            return self.addresses[session.client_ip]
+            return count
 
     def leave(self, session):
         with self.lock:
             self.sessions.discard(session)
             address = session.client_ip
-            self.addresses[address] -= 1
-            if not self.addresses[address]:
+            count = self.addresses[address] - 1
+            if count:
+                self.addresses[address] = count
+            else:
                 del self.addresses[address]
 
     def end_sessions(self):
