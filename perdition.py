@@ -105,6 +105,16 @@ class ProtocolError(Exception):
     """The peer broke the protocol so badly that the connection must end."""
 
 
+# What a real server's connection can fail with during a login.
+SERVER_ERRORS = (OSError, EOFError, ProtocolError, ssl.SSLError)
+
+
+def server_error(error):
+    """The log's reason for one of SERVER_ERRORS: its text, or its name
+    where it has none (EOFError)."""
+    return "Server error: %s" % (str(error) or type(error).__name__)
+
+
 class ClientGone(Exception):
     """The client left while perdition waited for its real server: the
     login attempt is abandoned and nothing more is sent there."""
@@ -481,7 +491,7 @@ OPTIONS = [
     Option(None, "forward_client_address", None, "",
            "Tell the real server the client's address: IMAP ID "
            "(x-originating-ip ...) where it offers ID, POP3 XCLIENT where "
-           "CAPA lists it, as Dovecot takes them from its "
+           "its greeting or CAPA offers it, as Dovecot takes them from its "
            "login_trusted_networks; with a hop count against loops.", FLAG),
     Option(None, "proxy_protocol", "NETWORK[,NETWORK...]", "",
            "Connections from these networks (address[/prefix]) start with "
@@ -3354,9 +3364,8 @@ class Session:
                     self.backend = self.generation.selector.select(
                         self.user, self.password, self)
                     server, line = self.login()
-                except (OSError, EOFError, ProtocolError, ssl.SSLError) as e:
-                    raise LoginFailure("Server error: %s"
-                                       % (e or type(e).__name__)) from None
+                except SERVER_ERRORS as e:
+                    raise LoginFailure(server_error(e)) from None
                 clock, self.login_clock = self.login_clock, None
                 if clock is not None and \
                         not self.perdition.deadlines.cancel(clock):
@@ -3493,9 +3502,8 @@ class Session:
                     capabilities = protocol.server_after_tls(server)
         except LoginFailure as e:
             raise ServerUnreachable(str(e), e.client_text) from None
-        except (OSError, EOFError, ProtocolError, ssl.SSLError) as e:
-            raise ServerUnreachable("Server error: %s"
-                                    % (e or type(e).__name__)) from None
+        except SERVER_ERRORS as e:
+            raise ServerUnreachable(server_error(e)) from None
         server.settimeout(self.config.authentication_timeout)
         if self.config.forward_client_address:
             capabilities = protocol.server_forward(server, capabilities,
