@@ -73,6 +73,7 @@ THREAD_STACK_SIZE = 256 * 1024  # so that thousands of sessions fit
 MAX_FAILURE_ADDRESSES = 65536   # client addresses --login_failure_limit
                                 # follows at once: a flood cannot grow it
 STOP_WAIT = 5.0                 # seconds for ended sessions to close
+FAREWELL_TIME = 2.0             # an interrupted session's last words, at most
 STATUS_INTERVAL = 5.0           # how often STATUS= follows the session count
 RELOG_RECHECK = 60              # seconds between looks at --connect_relog 0
 
@@ -381,7 +382,7 @@ OPTIONS = [
     Option("C", "connection_logging", None, "",
            "Log the authentication-phase dialogue (with -d only).", FLAG),
     Option(None, "connect_timeout", "SECONDS", "10",
-           "How long to wait for a real server to accept the connection "
+           "How long a real server has, in all, to accept the connection "
            "and greet (TLS included); one that does not is unreachable.  "
            "0: --authentication_timeout.", parse_seconds),
     Option(None, "connect_relog", "SECONDS", "300",
@@ -491,7 +492,8 @@ OPTIONS = [
     Option(None, "forward_client_address", None, "",
            "Tell the real server the client's address: IMAP ID "
            "(x-originating-ip ...) where it offers ID, POP3 XCLIENT where "
-           "its greeting or CAPA offers it, as Dovecot takes them from its "
+           "its greeting or CAPA offers it, ManageSieve XCLIENT where its "
+           "capabilities list it, as Dovecot takes them from its "
            "login_trusted_networks; with a hop count against loops.", FLAG),
     Option(None, "proxy_protocol", "NETWORK[,NETWORK...]", "",
            "Connections from these networks (address[/prefix]) start with "
@@ -839,7 +841,7 @@ def format_value(value):
 
 def usage(basename):
     """--help: every option from the table, with its default."""
-    lines = ["perdition %s -- POP3 and IMAP4 proxy server" % __version__,
+    lines = ["perdition %s -- %s" % (__version__, what_perdition_is()),
              "usage: %s [options]" % basename, ""]
     for option in OPTIONS:
         head = option.names + (" " + option.arg if option.arg else "")
@@ -903,24 +905,26 @@ class Log:
     def configure(self, config):
         self.switch(config, self.open(config))
 
-    def reopen(self, config):
-        """On a reload: config's levels, and -F opened anew if it names
-        something else now or logrotate moved the file away.  A file still
-        in its place is kept, since perdition, no longer root, may not be
-        able to open it again; if what is needed cannot be opened, the
-        log stays where it is and says why."""
+    def target(self, config):
+        """On a reload: what to log to with config, for switch().  -F is
+        opened anew if it names something else now (OptionError if it
+        cannot be: then the reload fails) or if logrotate moved the file
+        away.  A file still in its place is kept, since perdition, no
+        longer root, may not be able to open it again; a moved one that
+        cannot be opened again is logged to where it is, and the log says
+        why."""
         facility = config.log_facility
+        if facility != self.facility:
+            return self.open(config)
         try:
-            if facility != self.facility or facility.startswith("/") and \
-                    not os.path.samestat(os.stat(facility),
-                                         os.fstat(self.stream.fileno())):
-                self.switch(config, self.open(config))
-                return
+            if facility.startswith("/") and not os.path.samestat(
+                    os.stat(facility), os.fstat(self.stream.fileno())):
+                return self.open(config)
         except (OSError, OptionError) as e:
             self.err("Cannot reopen the log, still logging as before: %s"
                      % (e if isinstance(e, OptionError) else
                         "%s: %s" % (facility, e.strerror)))
-        self.switch(config, self.output)
+        return self.output
 
     @staticmethod
     def open(config):
@@ -1592,16 +1596,20 @@ class Connection:
     the wire in the order OpenSSL made them.
     """
 
-    __slots__ = ("sock", "buffer", "tls", "watched", "_incoming",
-                 "_outgoing", "_tls_lock", "_send_lock", "_shut")
+    __slots__ = ("sock", "buffer", "tls", "watched", "deadline",
+                 "_incoming", "_outgoing", "_tls_lock", "_send_lock",
+                 "_shut")
 
-    def __init__(self, sock, watched=None):
+    def __init__(self, sock, watched=None, deadline=None):
         self.sock = sock
         self.buffer = bytearray()   # read but not yet consumed
         self.tls = None
         # The client, while this real server's login is under way: every
-        # wait for the server also watches for the client's departure.
+        # wait for the server also watches for the client's departure ...
         self.watched = watched
+        # ... and ends by this time.monotonic(), if set (--connect_timeout
+        # until the greeting and TLS are done, however slowly they trickle).
+        self.deadline = deadline
         self._shut = None           # how it was shut down, if it was
 
     def fileno(self):
@@ -1660,9 +1668,12 @@ class Connection:
 
     def _wait(self):
         """Wait for input as the blocking recv() that follows would, up to
-        the socket's timeout, while a client is watched."""
+        the socket's timeout or the deadline, while a client is watched."""
         if self.watched is not None:
             timeout = self.sock.gettimeout()
+            if self.deadline is not None:
+                left = max(0.0, self.deadline - time.monotonic())
+                timeout = left if timeout is None else min(timeout, left)
             if not self._watch(None if timeout is None else timeout * 1000):
                 raise TimeoutError("timed out")
 
@@ -2006,6 +2017,9 @@ def register(cls):
     for entry in cls.names:
         entry.protocol_class = cls
         PROTOCOLS[entry.name] = entry
+    cls.credential_verbs = tuple(sorted(
+        (c.verb for c in cls.commands.values() if c.credentials),
+        key=len, reverse=True))         # AUTHENTICATE before AUTH
     capability = OPTIONS_BY_NAME["capability"]
     capability.aliases += (cls.capability_alias,)
     OPTIONS_BY_NAME[cls.capability_alias] = capability
@@ -2015,6 +2029,12 @@ def register(cls):
 def protocol_classes():
     """The registered protocol classes, each once, in order."""
     return list(dict.fromkeys(e.protocol_class for e in PROTOCOLS.values()))
+
+
+def what_perdition_is():
+    """'POP3, IMAP4 and ManageSieve proxy server', from the registry."""
+    return "%s proxy server" % or_list((cls.title for cls in
+                                        protocol_classes()), "and")
 
 
 def protocol_for_program(suffix):
@@ -2029,9 +2049,11 @@ class Protocol:
     of the dialogue log.  A protocol class declares its names, defaults and
     `commands` table, parses a command line into (verb, arguments), and
     supplies the parts of the back-end login the session drives:
-    server_greeting, server_capabilities, server_start_tls, server_login.
+    server_greeting, server_capabilities (where a greeting may have none),
+    server_start_tls, server_forward, server_login.
     """
 
+    title = ""                  # as the manual names the protocol
     names = ()                  # ProtocolName rows, for the registry
     map_name = ""               # the protocol as the popmap is told it
     default_capability = ""
@@ -2041,6 +2063,7 @@ class Protocol:
     capability_alias = ""       # another name of -I, e.g. imap_capability
     start_tls_command = ""
     commands = {}
+    credential_verbs = ()       # made by register() from `commands`
     verb_word = 0               # which word of a command line is the verb
     __slots__ = ("session", "config")
 
@@ -2108,18 +2131,20 @@ class Protocol:
         """The one rule for secrets in the dialogue log, in both directions
         and on both sides: a line that continues an authentication exchange
         is masked whole; a command whose verb carries credentials (the
-        command table says which) keeps only the words up to its verb.
-        Words are split at any white space and verbs are matched in any case
-        and in any of the first words, so that a malformed line (doubled
-        spaces, a tab, a missing tag) hides its password too."""
+        command table says which) keeps only what comes up to its verb.
+        Words are split at any white space, and a verb is matched in any
+        case at the start of any of the first words, so that a malformed
+        line (doubled spaces, a tab, a missing tag, a verb glued to what
+        follows it) hides its password too."""
         if continuation:
             return "+ XXXXXX" if line.startswith("+") else "XXXXXX"
         words = line.split(None, self.verb_word + 1)
         for n, word in enumerate(words[:self.verb_word + 1]):
-            command = self.commands.get(word.upper())
-            if command is not None and command.credentials:
-                return " ".join(words[:n + 1] + ["XXXXXX"] *
-                                (len(words) > n + 1))
+            for verb in self.credential_verbs:
+                head = word[:len(verb)]
+                if head.isascii() and head.upper() == verb:
+                    hidden = len(word) > len(verb) or len(words) > n + 1
+                    return " ".join(words[:n] + [head] + ["XXXXXX"] * hidden)
         return line
 
     def capabilities(self):
@@ -2194,11 +2219,45 @@ class Protocol:
                             "which could carry the authorisation identity",
                             "Authorisation identity not supported")
 
+    # -- Dovecot's XCLIENT, which POP3 and ManageSieve share -----------------
+
+    def take_xclient(self, words):
+        """XCLIENT from a proxy in front: only its TTL is taken, which can
+        only shorten the way (the address stays the one perdition sees: no
+        client is trusted to name another)."""
+        for word in words:
+            name, _, value = word.partition("=")
+            if name.upper() == "TTL" and value.isascii() and value.isdigit():
+                self.session.note_proxy_ttl(int(value))
+
+    def send_xclient(self, server, forwarded):
+        """--forward_client_address towards a server that offers XCLIENT:
+        the client's address, port, session and hops left, as Dovecot
+        takes them from its login_trusted_networks.  A refusal is logged;
+        the login goes on."""
+        words = ["%s=%s" % (XCLIENT_FIELDS[name], value)
+                 for name, value in forwarded.fields()
+                 if name in XCLIENT_FIELDS]
+        if any(has_controls(w) or " " in w for w in words):
+            raise LoginFailure("Unquotable forwarded address")
+        session = self.session
+        session.send_server(server, "XCLIENT " + " ".join(words))
+        answer = session.read_server_line(server)
+        if not answer.startswith(self.server_ok):
+            log.info("%s: XCLIENT refused by the real server: %s"
+                     % (session.client_name, log_text(answer)))
+
+
+XCLIENT_FIELDS = {"originating-ip": "ADDR", "originating-port": "PORT",
+                  "session-id": "SESSION", "proxy-ttl": "TTL"}
+
 
 @register
 class POP3(Protocol):
     """RFC 1939 (with RFC 2449 CAPA and RFC 2595 STLS) up to the login."""
 
+    title = "POP3"
+    server_ok = "+OK"
     names = (ProtocolName("POP3", 110, False, ("pop3",)),
              ProtocolName("POP3S", 995, True, ("pop3s",)))
     map_name = "pop3"
@@ -2275,13 +2334,7 @@ class POP3(Protocol):
                                    if len(words) == 2 else None)
 
     def do_xclient(self, argument):
-        """Dovecot's XCLIENT, from a proxy in front: only its TTL is taken,
-        which can only shorten the way (the address stays the one perdition
-        sees: no client is trusted to name another)."""
-        for word in argument.split():
-            name, _, value = word.partition("=")
-            if name.upper() == "TTL" and value.isascii() and value.isdigit():
-                self.session.note_proxy_ttl(int(value))
+        self.take_xclient(argument.split())
         self.session.reply("+OK")
 
     def do_capa(self, argument):
@@ -2358,18 +2411,7 @@ class POP3(Protocol):
         if not self.server_xclient and capabilities is None:
             capabilities = self.server_capabilities(server)
         if self.server_xclient or "XCLIENT" in capabilities:
-            names = {"originating-ip": "ADDR", "originating-port": "PORT",
-                     "session-id": "SESSION", "proxy-ttl": "TTL"}
-            words = ["%s=%s" % (names[name], value)
-                     for name, value in forwarded.fields() if name in names]
-            if any(has_controls(w) or " " in w for w in words):
-                raise LoginFailure("Unquotable forwarded address")
-            session = self.session
-            session.send_server(server, "XCLIENT " + " ".join(words))
-            answer = session.read_server_line(server)
-            if not answer.startswith("+OK"):
-                log.info("%s: XCLIENT refused by the real server: %s"
-                         % (session.client_name, log_text(answer)))
+            self.send_xclient(server, forwarded)
         return capabilities
 
     def server_login(self, server, capabilities, backend, credentials):
@@ -2568,6 +2610,7 @@ class IMAP4(Protocol):
     a bad tag gets an untagged BAD.
     """
 
+    title = "IMAP4"
     names = (ProtocolName("IMAP4", 143, False, ("imap4",)),
              ProtocolName("IMAP4S", 993, True, ("imap4s", "imaps")))
     map_name = "imap"
@@ -2717,34 +2760,48 @@ class IMAP4(Protocol):
 
     # -- towards the real server -------------------------------------------
 
-    def server_command(self, server, words, untagged=None):
-        """Send a command, quoting each argument or sending it as a literal
-        (so a CR or LF inside can never end the command), and return the
-        tagged response line; untagged lines go to `untagged`."""
+    def server_command(self, server, words, untagged=None, response=None):
+        """Send a command, quoting each argument (str) or sending it as a
+        literal (so a CR or LF inside can never end the command), and
+        return the tagged response line; untagged lines go to `untagged`.
+        A SASL `response` is sent on a line of its own when the server asks
+        for it; any other continuation is a failure (PLAIN has one step)."""
         session = self.session
         self.server_tag += 1
         tag = "P%d" % self.server_tag
+        verb = words[0].decode()
         line, continuation = tag.encode(), False
         for word in words:
             if isinstance(word, str):
                 word = word.encode("utf-8", "surrogateescape")
                 if IMAP_QUOTABLE_RE.match(word):
                     line += b" " + imap_quoted(word)
-                else:
-                    session.send_server(server, line + b" {%d}" % len(word),
-                                        continuation)
-                    answer = session.read_server_line(server, True)
-                    if not answer.startswith("+"):
-                        raise LoginFailure(answer)
-                    line, continuation = word, True
+                    continue
+                self.go_ahead(server, verb, line + b" {%d}" % len(word),
+                              continuation)
+                line, continuation = word, True
             else:
                 line += b" " + word
+        if response is not None:
+            self.go_ahead(server, verb, line, continuation)
+            line, continuation = response, True
         session.send_server(server, line, continuation)
         for answer in session.server_lines(server):
             if answer.startswith(tag + " "):
                 return answer[len(tag) + 1:]
+            if answer.startswith("+"):
+                raise LoginFailure("%s: an unexpected continuation" % verb)
             if untagged is not None:
                 untagged.append(answer)
+
+    def go_ahead(self, server, verb, line, continuation):
+        """Send `line`, then wait for the '+' after which the rest of the
+        command may follow."""
+        session = self.session
+        session.send_server(server, line, continuation)
+        answer = session.read_server_line(server, True)
+        if not answer.startswith("+"):
+            raise LoginFailure("%s: %s" % (verb, answer))
 
     def server_greeting(self, server):
         """Read the greeting; its capabilities, or None if it has none."""
@@ -2809,27 +2866,15 @@ class IMAP4(Protocol):
     def server_authenticate_plain(self, server, capabilities, backend,
                                   credentials):
         """With the initial response where the server has SASL-IR."""
-        session = self.session
         response = self.sasl_plain_response(backend, credentials)
-        self.server_tag += 1
-        tag = "P%d" % self.server_tag
+        words = [b"AUTHENTICATE", b"PLAIN"]
         if "SASL-IR" in capabilities:
-            session.send_server(server, tag.encode() +
-                                b" AUTHENTICATE PLAIN " + response)
+            answer = self.server_command(server, words + [response])
         else:
-            session.send_server(server, tag + " AUTHENTICATE PLAIN")
-            answer = session.read_server_line(server, True)
-            if not answer.startswith("+"):
-                raise LoginFailure("AUTHENTICATE: %s" % answer)
-            session.send_server(server, response, True)
-        for answer in session.server_lines(server):
-            if answer.startswith(tag + " "):
-                answer = answer[len(tag) + 1:]
-                if not answer.startswith("OK"):
-                    raise LoginFailure("AUTHENTICATE: %s" % answer)
-                return answer
-            if answer.startswith("+"):  # PLAIN has one step only
-                raise LoginFailure("AUTHENTICATE: a second challenge")
+            answer = self.server_command(server, words, response=response)
+        if not answer.startswith("OK"):
+            raise LoginFailure("AUTHENTICATE: %s" % answer)
+        return answer
 
 
 def sieve_string(text):
@@ -2849,6 +2894,8 @@ class ManageSieve(Protocol):
     non-synchronising literals only, as RFC 5804 has them from clients.
     """
 
+    title = "ManageSieve"
+    server_ok = "OK"
     names = (ProtocolName("MANAGESIEVE", 4190, False, ("managesieve",)),)
     map_name = "managesieve"
     default_capability = (
@@ -2856,7 +2903,8 @@ class ManageSieve(Protocol):
         'encoded-character vacation subaddress comparator-i;ascii-numeric '
         'relational regex imap4flags copy include variables body enotify '
         'environment mailbox date"  "NOTIFY" "mailto"  "VERSION" "1.0"')
-    managed_capabilities = ('"SASL" "PLAIN"', '"STARTTLS"')
+    managed_capabilities = ('"SASL" "PLAIN"', '"SASL" ""', '"STARTTLS"',
+                            '"XCLIENT"')
     capability_separator = "  "
     separator_name = "two spaces"
     capability_alias = "managesieve_capability"
@@ -2867,6 +2915,7 @@ class ManageSieve(Protocol):
         Command("CAPABILITY", "do_capability"),
         Command("NOOP", "do_noop"),
         Command("STARTTLS", "do_starttls", after_tls=False),
+        Command("XCLIENT", "do_xclient", option="forward_client_address"),
         Command("LOGOUT", "do_logout"))
     __slots__ = ()
 
@@ -2884,8 +2933,12 @@ class ManageSieve(Protocol):
         return "\r\n".join(self.capabilities())
 
     def added_capabilities(self):
-        return {'"SASL" "PLAIN"': self.plain_login_allowed(),
-                '"STARTTLS"': self.session.tls_offered()}
+        """SASL is always listed (RFC 5804 section 1.7), empty where no
+        login is allowed now."""
+        plain = self.plain_login_allowed()
+        return {'"SASL" "PLAIN"': plain, '"SASL" ""': not plain,
+                '"STARTTLS"': self.session.tls_offered(),
+                '"XCLIENT"': self.config.forward_client_address}
 
     def request(self, line):
         return IMAPReader(self.session, line, prompt=None)
@@ -2933,6 +2986,14 @@ class ManageSieve(Protocol):
         self.session.reply(self.capability_response() +
                            '\r\nOK "TLS negotiation successful."')
 
+    def do_xclient(self, arguments):
+        words = []
+        while not arguments.at_end():
+            arguments.space()
+            words.append(arguments.atom().decode("latin-1"))
+        self.take_xclient(words)
+        self.session.reply('OK "Updated"')
+
     def do_authenticate(self, arguments):
         """AUTHENTICATE "PLAIN", the initial response a string if any."""
         arguments.space()
@@ -2960,7 +3021,7 @@ class ManageSieve(Protocol):
         reader.end()
         if response == b"*":
             raise BadCommand("Authentication cancelled")
-        return response or b"="
+        return response
 
     def ok(self, server_line):
         if self.config.server_resp_line:
@@ -2998,10 +3059,6 @@ class ManageSieve(Protocol):
         self.session.check_greeting(line)
         return capabilities
 
-    def server_capabilities(self, server):
-        self.session.send_server(server, "CAPABILITY")
-        return self.read_capabilities(server)[0]
-
     def server_start_tls(self, server):
         self.session.send_server(server, "STARTTLS")
         answer = self.session.read_server_line(server)
@@ -3013,9 +3070,15 @@ class ManageSieve(Protocol):
         inside TLS; those said before are forgotten."""
         return self.read_capabilities(server)[0]
 
+    def server_forward(self, server, capabilities, forwarded):
+        """--forward_client_address: Dovecot's XCLIENT, which its
+        capabilities list to the proxies it trusts."""
+        if "XCLIENT" in capabilities:
+            self.send_xclient(server, forwarded)
+        return capabilities
+
     def server_login(self, server, capabilities, backend, credentials):
-        if capabilities is None:
-            capabilities = self.server_capabilities(server)
+        """The greeting always has the capabilities."""
         if "AUTH=PLAIN" not in capabilities:
             raise LoginFailure("Server does not offer SASL PLAIN")
         session = self.session
@@ -3074,14 +3137,15 @@ class Deadlines:
 
     A function runs holding the lock, as cancel() does, so the two never
     cross: cancel() tells whether the function has run.  A cancelled entry
-    drops its function at once, and with it the session it names."""
+    drops its function at once, and with it the session it names.  The
+    lock is re-entrant, so that a function may add a deadline."""
 
     def __init__(self):
         self._heap = []
         self._serial = itertools.count()
         # add() and cancel() take the bare lock (a Condition's own with
         # costs two Python calls per login); the runner waits on it.
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._wakeup = threading.Condition(self._lock)
         self._thread = None
 
@@ -3320,14 +3384,23 @@ class Session:
 
     def interrupt(self, reason):
         """End the session before its login, from another thread (the
-        login clock): the reason is kept and the client's reading side
-        shut, which wakes the session's thread wherever it waits, for the
-        client or (watching it) for the real server; that thread then says
-        farewell with the reason."""
+        login clock, a stop): the reason is kept and the client's reading
+        side shut, which wakes the session's thread wherever it waits, for
+        the client or (watching it) for the real server; that thread then
+        says farewell with the reason.  A client that reads nothing may
+        hold that thread in a send: FAREWELL_TIME later its socket is shut
+        both ways, which ends the send."""
         self.interrupted = reason
         try:
             self.client.sock.shutdown(socket.SHUT_RD)
         except OSError:
+            pass
+        self.perdition.deadlines.add(FAREWELL_TIME, self.cut_off)
+
+    def cut_off(self):
+        try:
+            self.client.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:             # closed already
             pass
 
     def say_farewell(self, reason):
@@ -3377,9 +3450,11 @@ class Session:
                 raise
             except LoginFailure as e:
                 self.log_auth("failed: %s" % e)
-                if limit and not blocked:
-                    self.perdition.failures.failed(self.client_ip, limit)
-                self.delay_failure()
+                # No real server to be reached is no guess at a password.
+                if not isinstance(e, ServerUnreachable):
+                    if limit and not blocked:
+                        self.perdition.failures.failed(self.client_ip, limit)
+                    self.delay_failure()
                 self.reply(protocol.failure(e.client_text
                                             or "Authentication failed"))
                 self.count_error()
@@ -3505,6 +3580,7 @@ class Session:
         except SERVER_ERRORS as e:
             raise ServerUnreachable(server_error(e)) from None
         server.settimeout(self.config.authentication_timeout)
+        server.deadline = None
         if self.config.forward_client_address:
             capabilities = protocol.server_forward(server, capabilities,
                                                    self.forwarded())
@@ -3527,6 +3603,11 @@ class Session:
     # -- the client side ---------------------------------------------------
 
     def read_client_bytes(self):
+        """The next line; none once the session is interrupted, though
+        the client may have sent more (which a shut reading side still
+        gives)."""
+        if self.interrupted:
+            raise ClientGone
         return self.client.readline()
 
     def read_client_line(self):
@@ -3587,11 +3668,14 @@ class Session:
                 raise ServerUnreachable("Could not resolve %s: %s"
                                         % (backend.host, e)) from None
         error = None
+        connect_timeout = self.config.connect_timeout
         for family, kind, proto, _, address in addresses:
             sock = socket.socket(family, kind, proto)
+            deadline = time.monotonic() + connect_timeout \
+                if connect_timeout else None
             try:
-                sock.settimeout(self.config.connect_timeout
-                                or self.config.authentication_timeout or None)
+                sock.settimeout(connect_timeout or
+                                self.config.authentication_timeout or None)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.connect(address)
                 break
@@ -3601,7 +3685,7 @@ class Session:
         else:
             raise ServerUnreachable("Could not connect to %s:%s: %s"
                                     % (backend.host, backend.port, error))
-        return Connection(sock, watched=self.client)
+        return Connection(sock, watched=self.client, deadline=deadline)
 
     def tls_outgoing(self):
         return "tls_outgoing" in self.config.ssl_mode
@@ -3939,7 +4023,7 @@ class Generation:
         self.number = number
         self.sessions = 0       # sessions using it, under Perdition.lock
         self.retired = False
-        self.popmap = open_popmap(config)
+        self.popmap = open_popmap(config, reloading=number > 1)
         try:
             self.user_names = UserNames(config)
             self.selector = ServerSelector(config, self.popmap,
@@ -3961,7 +4045,10 @@ class Generation:
             self.popmap.close()
 
 
-def open_popmap(config):
+def open_popmap(config, reloading=False):
+    """The popmap -M and -m name, read once to see that it can be.  One
+    that cannot stops a reload; at start-up it is logged, and lookups
+    fail (the -s servers serve) until it can, as the C perdition's do."""
     if not config.map_library:
         return None
     if perdition_maps is None:
@@ -3969,11 +4056,21 @@ def open_popmap(config):
                           "is not installed beside perdition.py; use "
                           "-M \"\" for no map")
     try:
-        return perdition_maps.open_map(config.map_library,
-                                       config.map_library_opt)
+        popmap = perdition_maps.open_map(config.map_library,
+                                         config.map_library_opt)
     except perdition_maps.MapError as e:
         raise OptionError("option -M, --map_library %s: %s"
                           % (config.map_library, e)) from None
+    try:
+        popmap.check()
+    except perdition_maps.MapError as e:
+        if reloading:
+            popmap.close()
+            raise OptionError("option -M, --map_library %s: %s"
+                              % (config.map_library, e)) from None
+        log.err("Map %s cannot be read now, lookups fail until it can: %s"
+                % (config.map_library, e))
+    return popmap
 
 
 class Perdition:
@@ -3996,7 +4093,7 @@ class Perdition:
         self.holds = ServerHolds()
         self.lock = threading.Lock()
         self.ending = False     # the stop ends every session, late ones too
-        self.wake = None        # during a stop: told when the last one ends
+        self.wake = None        # told when the last session ends (a stop, -i)
 
     @property
     def config(self):
@@ -4009,18 +4106,22 @@ class Perdition:
         failure changes nothing), and reopen the log: after logrotate,
         whether or not the new configuration is good."""
         old = self.generation
+        generation = None
         try:
             config, kept = old.config.reread()
             generation = Generation(config, self.hosts, old.number + 1)
+            output = log.target(config)
         except Exception as e:      # OptionError names the FILE:LINE
-            log.reopen(old.config)
+            if generation is not None:
+                generation.close()
+            log.switch(old.config, log.target(old.config))
             log.err("Reload failed, keeping generation %d: %s"
                     % (old.number, e))
             return
         with self.lock:
             self.generation = generation
         self.retire(old)
-        log.reopen(config)
+        log.switch(config, output)
         for name, value in kept.items():
             log.err("Reload: option --%s cannot change without a restart; "
                     "keeping %s" % (name, format_value(value)))
@@ -4296,13 +4397,15 @@ def bind_servers(perdition):
 
 
 def daemonise():
-    """Detach from the terminal: fork twice, new session, stdio to null."""
+    """Detach from the terminal: fork twice, new session, stdio to null.
+    The working directory stays (as nginx's does), so that a relative path
+    on the command line or in the configuration file names the same file
+    at a reload as at start-up."""
     if os.fork():
         os._exit(0)
     os.setsid()
     if os.fork():
         os._exit(0)
-    os.chdir("/")
     log.forked()
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -4335,16 +4438,24 @@ def write_pid_file(config, uid, gid):
     root write elsewhere -- is removed, not followed, and the file created
     anew (O_EXCL, O_NOFOLLOW).  A default one that cannot be written is
     only logged in the foreground, where nothing needs it; one asked for
-    must be written."""
+    must be written.  Its directory is given to -u/-g, so that perdition
+    can remove the file after dropping privileges, only when it is
+    perdition's own: the default one, or one perdition makes now -- never
+    a directory others share, such as /run or /tmp."""
     path = config.pid_file
     if not path:
         return None
     try:
         directory = os.path.dirname(path)
+        own = not os.path.isdir(directory) or directory == os.path.join(
+            VAR_STATE_DIR, config.basename)
         os.makedirs(directory, exist_ok=True)
-        if uid is not None and directory != VAR_STATE_DIR:
-            # So that perdition can remove it after dropping privileges.
+        if uid is not None and own:
             os.chown(directory, uid, gid, follow_symlinks=False)
+        elif uid is not None and os.geteuid() == 0 and uid != 0:
+            log.info("The pid file %s will stay when perdition stops: "
+                     "its directory is not perdition's own to give to "
+                     "-u %s" % (path, config.username))
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -4363,8 +4474,13 @@ def write_pid_file(config, uid, gid):
 
 
 def remove_pid_file(path):
+    """Remove the pid file if it is still this process's: another perdition
+    may have written its own in its place since."""
     if path:
         try:
+            with open(path) as f:
+                if f.read().strip() != str(os.getpid()):
+                    return
             os.unlink(path)
         except OSError as e:
             log.err("Cannot remove the pid file %s: %s" % (path, e.strerror))
@@ -4383,7 +4499,12 @@ def drop_privileges(uid, gid):
 def serve_inetd(perdition, inherited):
     """-i: one session on a connected stream socket, TCP or UNIX-domain:
     standard input, as inetd, tcpserver, stunnel or socat give it, or the
-    connection a service manager passed (systemd's Accept=yes)."""
+    connection a service manager passed (systemd's Accept=yes).
+
+    The session runs in a thread while the main thread watches the
+    signals, as when serving: SIGTERM or SIGINT stops it gracefully (the
+    grace period, a farewell before login, its Close line); SIGHUP, with
+    one session to serve and no configuration to keep, changes nothing."""
     where = "the socket in LISTEN_FDS" if inherited else "standard input"
     try:
         if len(inherited) > 1:
@@ -4395,12 +4516,23 @@ def serve_inetd(perdition, inherited):
     except OSError:
         raise OptionError("option -i, --inetd_mode: %s is not a connected "
                           "stream socket" % where) from None
+    read, write = watch_signals()
     generation = perdition.admit()
-    try:
-        Session(perdition, generation, sock, perdition.hosts[0],
-                inetd_pid=os.getpid()).run()
-    finally:
-        perdition.release(generation)
+    perdition.wake = write          # told when the session has ended
+    session = Session(perdition, generation, sock, perdition.hosts[0],
+                      inetd_pid=os.getpid())
+
+    def run():
+        try:
+            session.run()
+        finally:
+            perdition.release(generation)
+    perdition.workers.start(run)
+    while perdition.active:
+        signals = wait_for_signals(read, None)
+        stop = next((signum for signum in signals if signum in STOPS), None)
+        if stop is not None:
+            return shut_down(perdition, (), read, write, stop)
     return 0
 
 

@@ -177,6 +177,11 @@ class Map:
         """Return "[user<delim>]host[:port]" for key, or None."""
         raise NotImplementedError
 
+    def check(self):
+        """Raise MapError if the map cannot be read now: a map that reads
+        its source at each lookup says so here, once, at start-up (logged)
+        and at a reload (which then fails and keeps the old map)."""
+
     def close(self):
         """Release resources: a reload replaced the map, or perdition
         exits."""
@@ -264,6 +269,14 @@ class GdbmMap(Map):
     def __init__(self, option):
         super().__init__(option)
         self.path = os.path.abspath(option or self.default_option)
+
+    def check(self):
+        try:
+            with dbm.open(self.path, "r"):
+                pass
+        except (*dbm.error, OSError, ValueError, SyntaxError) as e:
+            raise MapError("%s: cannot open database: %s"
+                           % (self.path, e)) from None
 
     def _signature(self):
         """Identify the files now on disk, to notice a rebuild mid-read."""
@@ -562,18 +575,16 @@ class SqliteMap(Map):
         # for a string, and a misspelt column would silently match nothing.
         self.query = ("SELECT [%s], [%s] FROM [%s] WHERE [%s] = ? LIMIT 1"
                       % (server, port, table, user))
+        self.check_query = self.query.replace("LIMIT 1", "LIMIT 0")
         self.path = os.path.abspath(self.path)
         self.uri = "file:%s?mode=ro" % urllib.parse.quote(self.path)
 
+    def check(self):
+        """The database opens, and has the table and columns."""
+        self._execute(self.check_query, "")
+
     def lookup(self, key, context):
-        try:
-            connection = sqlite3.connect(self.uri, uri=True)
-            try:
-                row = connection.execute(self.query, (key,)).fetchone()
-            finally:
-                connection.close()
-        except sqlite3.Error as e:
-            raise MapError("%s: %s" % (self.path, e)) from None
+        row = self._execute(self.query, key)
         if row is None or row[0] is None:
             return None
         server = str(row[0]).strip()
@@ -581,6 +592,16 @@ class SqliteMap(Map):
         if not server:
             return None
         return "%s:%s" % (server, port) if port else server
+
+    def _execute(self, query, key):
+        try:
+            connection = sqlite3.connect(self.uri, uri=True)
+            try:
+                return connection.execute(query, (key,)).fetchone()
+            finally:
+                connection.close()
+        except sqlite3.Error as e:
+            raise MapError("%s: %s" % (self.path, e)) from None
 
 
 # ---------------------------------------------------------------------------

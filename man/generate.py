@@ -17,6 +17,8 @@ import perdition  # noqa: E402
 BEGIN, END = ".\\\" BEGIN OPTIONS\n", ".\\\" END OPTIONS\n"
 PROTOCOLS_BEGIN = ".\\\" BEGIN PROTOCOLS\n"
 PROTOCOLS_END = ".\\\" END PROTOCOLS\n"
+SYNOPSIS_BEGIN = ".\\\" BEGIN SYNOPSIS\n"
+SYNOPSIS_END = ".\\\" END SYNOPSIS\n"
 
 
 def roff(text):
@@ -43,6 +45,19 @@ def man_options():
         if default is not None:
             lines.append(".br\n(default %s)\n" % roff(default))
     return "".join(lines)
+
+
+def man_synopsis():
+    """NAME and SYNOPSIS: what perdition is and every program name, from
+    the registry."""
+    programs = ["perdition"] + ["perdition." + program
+                                for entry in perdition.PROTOCOLS.values()
+                                for program in entry.programs]
+    return "".join(
+        [".SH NAME\nperdition \\- %s\n.SH SYNOPSIS\n"
+         % roff(perdition.what_perdition_is())] +
+        ["\\fB%s\\fR [\\fIoptions\\fR]\n.br\n" % name for name in programs] +
+        ["\\fBpython3 perdition.py\\fR [\\fIoptions\\fR]\n"])
 
 
 def man_protocols():
@@ -91,7 +106,8 @@ def main():
     page = os.path.join(ROOT, "man", "perdition.8")
     with open(page) as f:
         text = f.read()
-    for begin, end, make in ((BEGIN, END, man_options),
+    for begin, end, make in ((SYNOPSIS_BEGIN, SYNOPSIS_END, man_synopsis),
+                             (BEGIN, END, man_options),
                              (PROTOCOLS_BEGIN, PROTOCOLS_END, man_protocols)):
         head, _, rest = text.partition(begin)
         _, _, tail = rest.partition(end)

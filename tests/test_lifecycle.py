@@ -388,7 +388,8 @@ def test_shipped_logrotate_snippet(here, dovecot):
         with open(os.path.join(SERVICE, "logrotate")) as f:
             snippet = f.read()
         assert "/var/log/perdition.log {" in snippet
-        assert "/var/run/perdition/*.pid" in snippet
+        # perdition.imap4 ... keep theirs in /var/run/perdition.imap4/
+        assert "/var/run/perdition*/*.pid" in snippet
         snippet = snippet.replace("/var/log/perdition.log", proxy.log_file) \
             .replace("/var/run", proxy.env["PERDITION_VAR_STATE_DIR"])
         conf = write(here / "logrotate.conf", snippet)

@@ -279,15 +279,53 @@ def test_foreground_writes_and_removes_the_pid_file(tmp_path, dovecot,
     assert "Cannot" not in output()
 
 
+def test_a_shared_directory_of_the_pid_file_keeps_its_owner(tmp_path,
+                                                           dovecot):
+    """A pid file in a directory others share (as /run or /tmp) never makes
+    perdition give that directory to -u: the file stays when perdition
+    stops, and the log says so at start-up."""
+    traversable(tmp_path)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    pid_file = shared / "perdition.pid"
+    with Perdition(["--pid_file", pid_file], "IMAP4", tmp_path,
+                   dovecot.imap_port) as proxy:
+        log = proxy.wait_for_log("Listening on ")
+        assert "The pid file %s will stay when perdition stops" % pid_file \
+            in log
+    stat = os.stat(shared)
+    assert (stat.st_uid, stat.st_gid, stat.st_mode & 0o7777) == \
+        (0, 0, 0o1777)
+    assert pid_file.exists()
+
+
+def test_a_pid_file_of_another_process_is_not_removed(tmp_path, dovecot):
+    """Another perdition wrote its pid in the same file meanwhile: it is
+    that one's, and stays."""
+    traversable(tmp_path)
+    pid_file = tmp_path / "run" / "perdition.pid"
+    with Perdition(["--pid_file", pid_file], "IMAP4", tmp_path,
+                   dovecot.imap_port) as proxy:
+        proxy.wait_for_log("Listening on ")
+        assert pid_file.read_text() == "%d\n" % proxy.pid
+        pid_file.write_text("1\n")
+    assert pid_file.read_text() == "1\n"
+
+
 def test_planted_link_in_place_of_the_pid_file_is_not_followed(tmp_path,
                                                                dovecot):
     """A link planted where the pid file goes (to make root overwrite
-    another file) is replaced, not followed; so is a stale file."""
+    another file) is replaced, not followed; so is a stale file.  The
+    directory is nobody's, as one left by an earlier run is: whoever takes
+    over perdition's user can write there."""
     traversable(tmp_path)
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     directory = tmp_path / "run" / "imap"
     directory.mkdir(parents=True)
+    nobody = pwd.getpwnam("nobody")
+    os.chown(directory, nobody.pw_uid, nobody.pw_gid)
     pid_file = directory / "perdition.pid"
     pid_file.symlink_to(victim)
     with Perdition(["--pid_file", pid_file], "IMAP4", tmp_path,
