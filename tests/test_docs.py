@@ -44,6 +44,53 @@ def test_man_page_names_every_protocol_of_the_registry():
             assert generate.roff(word) in page
 
 
+def section(page, title):
+    """The text of the man page's section *title*, up to the next one."""
+    begin = page.index(".SH %s\n" % title) + len(".SH %s\n" % title)
+    end = page.find("\n.SH ", begin)
+    return page[begin:] if end < 0 else page[begin:end + 1]
+
+
+def test_man_page_synopsis_is_generated_from_the_registry():
+    """NAME and SYNOPSIS come from the registry, so a new protocol or
+    program name cannot be left out of them."""
+    page = read("man", "perdition.8")
+    begin = page.index(generate.SYNOPSIS_BEGIN) + len(
+        generate.SYNOPSIS_BEGIN)
+    synopsis = page[begin:page.index(generate.SYNOPSIS_END)]
+    assert synopsis == generate.man_synopsis()
+    assert synopsis.startswith(".SH NAME\nperdition \\- POP3, IMAP4 and "
+                               "ManageSieve proxy server\n.SH SYNOPSIS\n")
+    for cls in perdition.protocol_classes():
+        assert cls.title in synopsis.splitlines()[1]
+    names = re.findall(r"^\\fB(.*?)\\fR \[\\fIoptions\\fR\]$", synopsis,
+                       re.M)
+    assert names == ["perdition"] + [
+        "perdition." + program for entry in perdition.PROTOCOLS.values()
+        for program in entry.programs] + ["python3 perdition.py"]
+    assert "perdition.managesieve" in names
+
+
+def test_help_names_every_protocol():
+    result = run_perdition(["--help"])
+    assert result.returncode == 0
+    first = result.stdout.splitlines()[0]
+    assert re.fullmatch(r"perdition \S+ -- POP3, IMAP4 and ManageSieve "
+                        r"proxy server", first), first
+
+
+def test_man_page_explains_local_authentication():
+    """-a needs a PAM service, and pam_unix works only for root: the
+    manual says where the service is and what to use instead."""
+    text = " ".join(section(read("man", "perdition.8"),
+                            "LOCAL AUTHENTICATION").split())
+    assert "\\fI/etc/pam.d/perdition\\fR" in text
+    assert "pam_unix can check the password of another user only as " \
+        "root: run as \\fB\\-u nobody\\fR (the default), perdition may " \
+        "use it only for the user it runs as." in text
+    assert "\\fB\\-u root\\fR" in text
+
+
 def test_help_is_the_usage_text():
     result = run_perdition(["--help"])
     assert result.returncode == 0

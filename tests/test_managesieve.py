@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from helpers import PERDITION, Perdition, RawClient, TIMEOUT
+from support import ScriptedBackend, wait_for_eof
 
 sys.path.insert(0, os.path.dirname(PERDITION))
 import perdition  # noqa: E402
@@ -179,14 +180,122 @@ def test_bad_sasl_responses_get_no(sieve, response):
         assert client.readline() == b'OK "You are so in"\r\n'
 
 
+@pytest.mark.parametrize("form", ["continuation", "initial"])
+def test_empty_response_is_an_invalid_plain_message(sieve, form):
+    """An empty string is the base64 of an empty message, which lacks the
+    user and password: the client is told so, not that its base64 is
+    wrong, which it is for a string that is no base64 at all."""
+    with RawClient(sieve.port) as client:
+        greeting(client)
+        for response, error in ((b'""', b"Invalid SASL PLAIN message"),
+                                (b'"not base64"',
+                                 b"Invalid base64 in SASL response")):
+            if form == "initial":
+                client.send(b'AUTHENTICATE "PLAIN" %s\r\n' % response)
+            else:
+                client.send(b'AUTHENTICATE "PLAIN"\r\n')
+                assert client.readline() == b'""\r\n'
+                client.send(response + b"\r\n")
+            assert client.readline() == b'NO "%s"\r\n' % error
+
+
+def test_login_disabled_lists_an_empty_sasl(perdition_factory, dovecot):
+    """RFC 5804 section 1.7: SASL is always listed, empty where no
+    mechanism may be used now."""
+    proxy = perdition_factory(["--login_disabled"], "MANAGESIEVE",
+                              dovecot.sieve_port)
+    with RawClient(proxy.port) as client:
+        lines = greeting(client)
+        assert [line for line in lines if line.startswith(b'"SASL"')] == \
+            [b'"SASL" ""\r\n']
+        client.send(b"CAPABILITY\r\n")
+        assert greeting(client)[:-1] == lines[:-1]
+        client.send(b'AUTHENTICATE "PLAIN" "%s"\r\n' % b64("\0user47\0pw47"))
+        assert client.readline() == b'NO "Login disabled"\r\n'
+    assert 'user="user47"' not in proxy.log()
+
+
+def sieve_server(context, before, inside):
+    """A ManageSieve server that offers STARTTLS and whose "SASL" line is
+    *before* before TLS and *inside* inside it."""
+    def capabilities(sasl):
+        return (b'"IMPLEMENTATION" "scripted"\r\n"SASL" "%s"\r\n'
+                b'"VERSION" "1.0"\r\n' % sasl)
+
+    def script(peer):
+        peer.send(capabilities(before) + b'"STARTTLS"\r\nOK "ready"\r\n')
+        while True:
+            verb = peer.readline().split(b" ")[0].strip().upper()
+            if verb == b"STARTTLS":
+                peer.send(b'OK "Begin TLS negotiation now."\r\n')
+                peer.start_tls(context)
+                peer.send(capabilities(inside) +
+                          b'OK "TLS negotiation successful."\r\n')
+            elif verb == b"LOGOUT":
+                peer.send(b'OK "Logout completed."\r\n')
+                return
+            else:
+                peer.send(b'OK "done"\r\n')
+    return script
+
+
+@pytest.mark.parametrize("before, inside, works", [
+    (b"PLAIN LOGIN", b"", False),
+    (b"", b"PLAIN", True),
+])
+def test_server_sasl_inside_tls_is_what_counts(perdition_factory, dovecot,
+                                               before, inside, works):
+    """With tls_outgoing perdition reads the real server's capabilities
+    again inside TLS and forgets those said before: PLAIN offered only
+    before TLS gets no AUTHENTICATE, PLAIN offered only inside it is
+    used."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(dovecot.cert_file, dovecot.key_file)
+    with ScriptedBackend(sieve_server(context, before, inside)) as backend:
+        proxy = perdition_factory(tls_args(dovecot, "tls_outgoing"),
+                                  "MANAGESIEVE", backend.port)
+        with RawClient(proxy.port) as client:
+            greeting(client)
+            client.send(b'AUTHENTICATE "PLAIN" "%s"\r\n'
+                        % b64("\0user48\0pw48"))
+            answer = client.readline()
+            client.send(b"LOGOUT\r\n")
+            assert client.readline() == b'OK "Logout completed."\r\n'
+        backend.join(1)
+    [peer] = backend.peers
+    assert b"STARTTLS" in peer.received and peer.cipher
+    if works:
+        assert answer == b'OK "You are so in"\r\n'
+        assert b'AUTHENTICATE "PLAIN" "%s"' % b64("\0user48\0pw48") \
+            in peer.secure
+    else:
+        assert answer == b'NO "Authentication failed"\r\n'
+        assert b"AUTHENTICATE" not in peer.received
+        proxy.wait_for_log("status=failed: Server does not offer SASL PLAIN")
+
+
+def test_login_timeout_says_bye(perdition_factory, dovecot):
+    """--login_timeout bounds the time before login; ManageSieve's
+    farewell is BYE with the reason as a string."""
+    proxy = perdition_factory(["--login_timeout", "1"], "MANAGESIEVE",
+                              dovecot.sieve_port)
+    with RawClient(proxy.port) as client:
+        greeting(client)
+        assert wait_for_eof(client) == b'BYE "Login timeout"\r\n'
+    proxy.wait_for_log("127.0.0.1: Login timeout")
+
+
 def test_tls_listen_force_offers_no_sasl_before_tls(perdition_factory,
                                                     dovecot):
+    """SASL is listed empty, as RFC 5804 section 1.7 has it while STARTTLS
+    is offered, and filled in inside TLS."""
     proxy = perdition_factory(tls_args(dovecot, "tls_listen_force"),
                               "MANAGESIEVE", dovecot.sieve_port)
     with RawClient(proxy.port) as client:
         lines = greeting(client)
         assert b'"STARTTLS"\r\n' in lines
-        assert not any(line.startswith(b'"SASL"') for line in lines)
+        assert [line for line in lines if line.startswith(b'"SASL"')] == \
+            [b'"SASL" ""\r\n']
         client.send(b'AUTHENTICATE "PLAIN" "%s"\r\n' % b64("\0user45\0pw45"))
         assert client.readline().startswith(b'NO "Login disabled')
         client.send(b"STARTTLS\r\n")

@@ -83,8 +83,11 @@ def test_curl_uses_sasl_ir_through_perdition(imap, dovecot):
     assert b"INBOX" in curl("-u", "user22:pw22",
                             f"imap://127.0.0.1:{imap.port}/")
     log = imap.wait_for_log('Close: 127.0.0.1 user="user22"')[offset:]
-    # curl sent its credentials in the AUTHENTICATE line itself
+    # curl sent its credentials in the AUTHENTICATE line itself: no
+    # continuation was asked for or answered (the masked line would say
+    # AUTHENTICATE XXXXXX for a bare "AUTHENTICATE PLAIN" too)
     assert re.search(r"client: \S+ AUTHENTICATE XXXXXX\n", log)
+    assert "perdition: + " not in log and "client: XXXXXX" not in log
     assert "pw22" not in log and "\\x00" not in log
 
 
@@ -134,6 +137,37 @@ def test_bad_sasl_responses_get_bad(imap, response, form):
         assert answer.startswith(b"a1 BAD "), answer
         assert command(client, b"a2 LOGIN user24 pw24") == \
             b"a2 OK You are so in\r\n"
+
+
+@pytest.mark.parametrize("protocol", ["IMAP4", "POP3"])
+@pytest.mark.parametrize("form, response, error", [
+    # RFC 4959 and RFC 5034: "=" is an empty initial response
+    ("initial", b"=", b"Invalid SASL PLAIN message"),
+    # an empty line is an empty response to the challenge
+    ("continuation", b"", b"Invalid SASL PLAIN message"),
+    ("continuation", b"not base64!", b"Invalid base64 in SASL response"),
+    ("initial", b"not-base64!", b"Invalid base64 in SASL response"),
+])
+def test_empty_response_is_an_invalid_message_not_invalid_base64(
+        imap, pop3, protocol, form, response, error):
+    """An empty response is well-formed base64 of an empty PLAIN message,
+    which lacks the user and password; the client is told that, not that
+    its base64 is broken."""
+    proxy = imap if protocol == "IMAP4" else pop3
+    verb = b"a1 AUTHENTICATE PLAIN" if protocol == "IMAP4" \
+        else b"AUTH PLAIN"
+    with greeted(proxy.port) as client:
+        if form == "initial":
+            client.send(verb + b" " + response + b"\r\n")
+        else:
+            client.send(verb + b"\r\n")
+            assert client.readline() == b"+ \r\n"
+            client.send(response + b"\r\n")
+        answer = client.readline()
+    if protocol == "IMAP4":
+        assert answer == b"a1 BAD " + error + b"\r\n"
+    else:
+        assert answer == b"-ERR " + error + b"\r\n"
 
 
 def test_wrong_password_then_the_right_one(imap):
@@ -216,9 +250,12 @@ def test_pop3_bad_sasl_responses(pop3, response):
 # Towards the real server
 # ---------------------------------------------------------------------------
 
-def imap_backend(capabilities, commands, accept=b"OK"):
+def imap_backend(capabilities, commands, accept=b"OK",
+                 second_challenge=False):
     """A scripted IMAP server greeting with *capabilities*; it keeps each
-    command (with its continuation lines) in *commands*."""
+    command (with its continuation lines) in *commands*.  With
+    *second_challenge* it answers the PLAIN response with another '+'
+    challenge and then only listens."""
     def script(peer):
         peer.send(b"* OK [CAPABILITY %s] scripted\r\n" % capabilities)
         while True:
@@ -228,6 +265,11 @@ def imap_backend(capabilities, commands, accept=b"OK"):
             if rest.upper() == b"AUTHENTICATE PLAIN":
                 peer.send(b"+ \r\n")
                 commands.append(peer.readline().rstrip(b"\r\n"))
+            if second_challenge and \
+                    rest.upper().startswith(b"AUTHENTICATE PLAIN"):
+                peer.send(b"+ bW9yZQ==\r\n")
+                while True:     # until perdition closes: EOFError
+                    commands.append(peer.readline().rstrip(b"\r\n"))
             if rest.upper().startswith(b"LOGOUT"):
                 peer.send(b"* BYE\r\n%s OK bye\r\n" % tag)
                 return
@@ -280,6 +322,57 @@ def test_imap_server_with_logindisabled_gets_authenticate_plain(
     assert "bobpw" not in log and expected[-1].decode()[-8:] not in log
     assert re.search(r"to server: P1 AUTHENTICATE XXXXXX\n", log) or \
         "to server: XXXXXX" in log
+
+
+@pytest.mark.parametrize("capabilities, expected", [
+    (b"IMAP4rev1 LOGINDISABLED AUTH=PLAIN SASL-IR",
+     [b"P1 AUTHENTICATE PLAIN " + b64("\0bob\0bobpw")]),
+    (b"IMAP4rev1 LOGINDISABLED AUTH=PLAIN",
+     [b"P1 AUTHENTICATE PLAIN", b64("\0bob\0bobpw")]),
+])
+def test_imap_server_asking_a_second_challenge_fails_the_login(
+        perdition_factory, capabilities, expected):
+    """PLAIN has one step: a real server that asks for more after the
+    response gets nothing more; the client is told no and may go on."""
+    commands = []
+    with ScriptedBackend(imap_backend(capabilities, commands,
+                                      second_challenge=True)) as backend:
+        proxy = perdition_factory([], "IMAP4", backend.port)
+        with greeted(proxy.port) as client:
+            assert command(client, b"a LOGIN bob bobpw") == \
+                b"a NO Authentication failed\r\n"
+            assert command(client, b"b NOOP") == b"b OK NOOP completed\r\n"
+        backend.join(1)
+    assert commands[:len(expected)] == expected
+    # nothing after, but perhaps a "*" that cancels the exchange
+    assert commands[len(expected):] in ([], [b"*"])
+    log = proxy.wait_for_log('Close: 127.0.0.1 user="bob"')
+    assert re.search(r'Auth: 127\.0\.0\.1 user="bob" .* status=failed: '
+                     r"AUTHENTICATE: an unexpected continuation\n", log), log
+
+
+@pytest.mark.parametrize("protocol", ["IMAP4", "POP3"])
+def test_an_authorisation_identity_equal_to_the_user_is_none(
+        perdition_factory, protocol):
+    """RFC 4616: an authzid that names the user itself asks for nothing
+    more, so a server that takes only LOGIN or USER/PASS will do."""
+    commands = []
+    script = imap_backend(b"IMAP4rev1", commands) if protocol == "IMAP4" \
+        else pop3_backend([b"USER"], commands)
+    with ScriptedBackend(script) as backend:
+        proxy = perdition_factory([], protocol, backend.port)
+        response = b64("bob\0bob\0bobpw")
+        with greeted(proxy.port) as client:
+            if protocol == "IMAP4":
+                assert command(client, b"a AUTHENTICATE PLAIN " +
+                               response) == b"a OK You are so in\r\n"
+            else:
+                assert pop3_line(client, b"AUTH PLAIN " + response) == \
+                    b"+OK You are so in\r\n"
+    if protocol == "IMAP4":
+        assert commands[0] == b'P1 LOGIN "bob" "bobpw"'
+    else:
+        assert commands[:2] == [b"USER bob", b"PASS bobpw"]
 
 
 def test_imap_server_with_logindisabled_and_no_plain_is_a_failure(
