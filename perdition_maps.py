@@ -33,7 +33,8 @@ gdbm (-m: database file, default /etc/perdition/popmap.db)
     into a database of whatever kind Python's dbm module offers.  The
     database is opened for each lookup, so a rebuilt one takes effect at
     once; makedb replaces it atomically.  A missing database is a MapError
-    at lookup time, not at start-up.
+    at lookup time; at start-up perdition only logs it (check()), and a
+    reload fails on it.
 
 posix_regex (-m: file, default /etc/perdition/popmap.re)
     Lines ``<extended regex>[:] <substitution>``, tried in order; the first

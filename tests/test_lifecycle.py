@@ -1,7 +1,7 @@
 """perdition's life as a process: SIGHUP reloads a new generation of the
 configuration while every established session carries on, a failed reload
-changes nothing, SIGTERM and SIGINT stop gracefully, and the pid file comes
-and goes with the process.
+changes nothing, SIGTERM and SIGINT stop gracefully (a -i session too),
+and the pid file comes and goes with the process.
 
 Every perdition here drops privileges as the manual says, so whatever it
 reads again on SIGHUP -- configuration file, popmap, certificate and key --
@@ -11,18 +11,20 @@ is readable by nobody, as it must be on a real machine.
 import imaplib
 import os
 import pwd
+import re
 import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from dovecot import Dovecot
+from dovecot import Dovecot, free_port
 from helpers import (PERDITION, Perdition, RawClient, TIMEOUT, imap_connect,
-                     pop3_connect, wait_until)
+                     perdition_env, pop3_connect, wait_until)
 from support import (big_message, settled_usage, traversable,
                      wait_for_eof, wait_for_usage)
 
@@ -30,7 +32,9 @@ LOADED_SESSIONS = 120       # logged in, fetching mail across the reload
 WAITING_SESSIONS = 100      # connected, not logged in yet (a fifth in TLS)
 STORM_SECONDS = 20          # as long as the issue's reproduction ran
 STORM_INTERVAL = 0.002
+RELOAD_SECONDS = 1.0        # how long the slow map takes to open
 SERVICE = os.path.join(os.path.dirname(PERDITION), "service")
+MAPS = os.path.join(os.path.dirname(PERDITION), "perdition_maps.py")
 
 
 @pytest.fixture(scope="module")
@@ -213,11 +217,14 @@ def test_reload_under_load(here, dovecot):
     assert "Stopped: 0 sessions were open" in log
 
 
-@pytest.mark.parametrize("fault", ["line", "certificate", "popmap"])
+@pytest.mark.parametrize("fault", ["line", "certificate", "popmap", "gdbm",
+                                   "sqlite"])
 def test_failed_reload_keeps_the_old_generation(here, dovecot, fault):
-    """A bad line, an unreadable certificate or a popmap that does not
-    open: the reload changes nothing, and the log says why with
-    FILE:LINE (or the file)."""
+    """A bad line, an unreadable certificate, a popmap that does not
+    open, a gdbm map whose database is missing or an sqlite map whose file
+    is no database (both read at each lookup, so read once at the reload
+    to see that they can be): the reload changes nothing, and the log says
+    why with FILE:LINE (or the file)."""
     cert, key = certificate(here, "one")
     popmap = write(here / "popmap.re", f".* 127.0.0.1:{dovecot.imap_port}\n")
     conf = write(here / "perdition.conf",
@@ -231,10 +238,24 @@ def test_failed_reload_keeps_the_old_generation(here, dovecot, fault):
         elif fault == "certificate":
             write(conf, changed.replace(cert, cert + ".gone"))
             reason = f"--ssl_cert_file: {cert}.gone: No such file"
-        else:
+        elif fault == "popmap":
             write(popmap, f".* 127.0.0.1:{dovecot.imap_port}\n(unclosed x\n")
             write(conf, changed)
             reason = f"{popmap}:2:"
+        elif fault == "gdbm":
+            database = here / "popmap.db"       # never made
+            write(conf, changed.replace(
+                f"map_library posix_regex\nmap_library_opt {popmap}",
+                f"map_library gdbm\nmap_library_opt {database}"))
+            reason = f"option -M, --map_library gdbm: {database}: " \
+                "cannot open database: "
+        else:
+            database = write(here / "popmap.sqlite", "alice 127.0.0.1\n")
+            write(conf, changed.replace(
+                f"map_library posix_regex\nmap_library_opt {popmap}",
+                f"map_library sqlite\nmap_library_opt {database}"))
+            reason = f"option -M, --map_library sqlite: {database}: " \
+                "file is not a database"
         log = proxy.reload()
         assert "]: Reload failed, keeping generation 1: " in log
         assert reason in log.split("Reload failed")[1].splitlines()[0]
@@ -247,6 +268,137 @@ def test_failed_reload_keeps_the_old_generation(here, dovecot, fault):
         assert "]: Reloaded: generation 2" in proxy.reload()
         assert login_line(proxy.port, "bob", "bobpw") == \
             b"a OK generation two\r\n"
+
+
+def test_a_map_that_cannot_be_read_at_start_up_is_logged(here, dovecot):
+    """A gdbm map whose database is not there yet at start-up: perdition
+    starts all the same and says so, -s serves every login meanwhile, and
+    once the database is made its answers count, with no reload (it is
+    opened at each lookup)."""
+    database = here / "popmap.db"
+    with Perdition(["-s", f"127.0.0.1:{dovecot.imap_port}", "-M", "gdbm",
+                    "-m", database], "IMAP4", here) as proxy:
+        log = proxy.wait_for_log("]: Listening on ")
+        assert "]: Map gdbm cannot be read now, lookups fail until it can: " \
+            f"{database}: cannot open database: " in log
+        assert login_line(proxy.port, "alice", "alicepw").startswith(b"a OK")
+        assert auth_servers(proxy.log(), "alice") == ["127.0.0.1"]
+        source = write(here / "popmap",
+                       f"bob: localhost:{dovecot.imap_port}\n")
+        subprocess.run([sys.executable, MAPS, "makedb", source, database],
+                       check=True, capture_output=True, timeout=TIMEOUT)
+        for name in os.listdir(here):
+            if name.startswith(database.name):
+                os.chmod(here / name, 0o644)
+        assert login_line(proxy.port, "bob", "bobpw").startswith(b"a OK")
+        assert auth_servers(proxy.log(), "bob") == ["localhost"]
+
+
+def test_a_log_file_that_cannot_be_opened_fails_the_reload(here, dovecot):
+    """A new log_facility that cannot be opened fails the reload as a
+    whole: the rest of the new file does not go live either (the old
+    ok_line still answers), and the log, still where it was, says why.
+    (The new generation used to go live, logging to the old file.)"""
+    proxy = Perdition([], "IMAP4", here, dovecot.imap_port)
+    at = proxy.args.index("-F")         # -F comes from the file here
+    del proxy.args[at:at + 2]
+    conf = write(here / "perdition.conf", f"log_facility {proxy.log_file}\n"
+                                          'ok_line "generation one"\n')
+    proxy.args += ["-f", conf]
+    with proxy:
+        write(conf, "log_facility /nonexistent/dir/x.log\n"
+                    'ok_line "generation two"\n')
+        log = proxy.reload()
+        assert "]: Reload failed, keeping generation 1: option -F, " \
+            "--log_facility: /nonexistent/dir/x.log: No such file or " \
+            "directory\n" in log
+        assert "Reloaded" not in log
+        assert login_line(proxy.port, "alice", "alicepw") == \
+            b"a OK generation one\r\n"
+        proxy.wait_for_log('Close: 127.0.0.1 user="alice"')
+        # Once the file is right again, the next SIGHUP takes it.
+        write(conf, f"log_facility {proxy.log_file}\n"
+                    'ok_line "generation two"\n')
+        assert "]: Reloaded: generation 2 " in proxy.reload()
+        assert login_line(proxy.port, "bob", "bobpw") == \
+            b"a OK generation two\r\n"
+    assert not os.path.exists("/nonexistent/dir")
+
+
+def read_text(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def alive(pid):
+    """True if *pid* exists and is not a zombie (a daemon is not our
+    child: whoever adopted it reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def relative_configuration(ok_line):
+    return (f'ok_line "{ok_line}"\n'
+            "map_library posix_regex\nmap_library_opt popmap.re\n")
+
+
+def test_daemon_reloads_the_files_its_relative_paths_name(here, dovecot):
+    """A daemon (no --no_daemon) started in the directory of its files
+    with a relative -f, whose file names its popmap relatively too: it
+    keeps its working directory, so a SIGHUP reads the same files again
+    -- a new ok_line and a new popmap answer the next login.  (It used to
+    go to /, and the reload failed: "perdition.conf: No such file or
+    directory".)"""
+    env = perdition_env(str(here))
+    port = free_port()
+    log_file = here / "daemon.log"
+    pid_file = os.path.join(env["PERDITION_VAR_STATE_DIR"], "perdition",
+                            "perdition.pid")
+    write(here / "popmap.re", f".* 127.0.0.1:{dovecot.imap_port}\n")
+    write(here / "perdition.conf", relative_configuration("generation one"))
+    started = subprocess.run(
+        [sys.executable, PERDITION, "-P", "IMAP4", "-f", "perdition.conf",
+         "-F", str(log_file), "-b", "127.0.0.1", "-l", str(port),
+         "--auth_failure_delay", "0"], cwd=here, env=env,
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT)
+    assert started.returncode == 0, started.stderr     # the parent returns
+    try:
+        wait_until(lambda: read_text(pid_file).endswith("\n"),
+                   what="pid file")
+    except AssertionError:      # stopped all the same, by its log's pid
+        named = re.search(r" perdition\[(\d+)\]: ", read_text(log_file))
+        if named:
+            os.kill(int(named.group(1)), signal.SIGTERM)
+        raise
+    pid = int(read_text(pid_file))
+    try:
+        wait_until(lambda: "]: Listening on " in read_text(log_file),
+                   what="the daemon listening")
+        assert os.readlink(f"/proc/{pid}/cwd") == str(here)
+        assert login_line(port, "alice", "alicepw") == \
+            b"a OK generation one\r\n"
+        write(here / "popmap.re", f".* localhost:{dovecot.imap_port}\n")
+        write(here / "perdition.conf",
+              relative_configuration("generation two"))
+        os.kill(pid, signal.SIGHUP)
+        wait_until(lambda: "]: Reload" in read_text(log_file),
+                   what="the reload logged")
+        log = read_text(log_file)
+        assert "]: Reloaded: generation 2 " in log, log
+        assert login_line(port, "bob", "bobpw") == b"a OK generation two\r\n"
+        assert auth_servers(read_text(log_file), "bob") == ["localhost"]
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not alive(pid), what="the daemon's exit")
+    assert "]: Stopped: " in read_text(log_file)
+    assert not os.path.exists(pid_file)
 
 
 def test_restart_only_options_keep_their_values(here, dovecot):
@@ -345,6 +497,84 @@ def test_sighup_storm_during_tls_logins(here, dovecot):
     assert "Stopped: 1 sessions were open, 0 finished in the grace period, " \
         "1 ended\n" in log
     assert log.count("]: Connect: ") == log.count("]: Close: ")
+
+
+SLOW_MAP = '''"""A map slow to open, which notes when each opening starts
+and ends."""
+import time
+
+from perdition_maps import Map as BaseMap
+
+
+def note(what):
+    with open({marks!r}, "a") as f:
+        f.write(what + "\\n")
+
+
+class Map(BaseMap):
+    def __init__(self, option):
+        super().__init__(option)
+        note("start")
+        time.sleep({seconds})
+        note("end")
+
+    def lookup(self, key, context):
+        return None
+'''
+
+
+def sighup_taken(pid, timeout=TIMEOUT):
+    """Wait until *pid* has taken the SIGHUP sent to it (none pending): a
+    SIGHUP sent after that is a signal of its own, not merged into this
+    one by the kernel."""
+    bit = 1 << (signal.SIGHUP - 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(f"/proc/{pid}/status") as f:
+            pending = [int(line.split()[1], 16) for line in f
+                       if line.startswith(("SigPnd:", "ShdPnd:"))]
+        if not any(mask & bit for mask in pending):
+            return
+        assert time.monotonic() < deadline, "SIGHUP still pending"
+        time.sleep(0.001)
+
+
+def test_sighups_during_a_reload_fold_into_one_more(here, dovecot):
+    """Ten SIGHUPs while a reload runs (its map takes a second to open)
+    make exactly one more reload, after that one: one reload at a time,
+    the requests made meanwhile folded into one, none lost.  Each SIGHUP
+    is sent once the one before has been taken, so that perdition sees
+    ten, not one the kernel merged them into.  The storm test above shows
+    only that fewer reloads than signals ran."""
+    marks = here / "marks"
+    marks.touch()
+    marks.chmod(0o666)                  # written by nobody at a reload
+    slow = write(here / "slow_map.py", SLOW_MAP.format(
+        marks=str(marks), seconds=RELOAD_SECONDS))
+    conf = write(here / "perdition.conf", 'ok_line "folded"\n')
+
+    def notes():
+        return marks.read_text().split()
+
+    with Perdition(["-f", conf, "-s", f"127.0.0.1:{dovecot.imap_port}",
+                    "-M", slow], "IMAP4", here) as proxy:
+        assert notes() == ["start", "end"]          # at start-up
+        os.kill(proxy.pid, signal.SIGHUP)
+        wait_until(lambda: len(notes()) == 3, what="the reload's map opening")
+        for _ in range(10):
+            os.kill(proxy.pid, signal.SIGHUP)
+            sighup_taken(proxy.pid)
+        assert notes() == ["start", "end", "start"], \
+            "a reload ended or began during the burst"
+        proxy.wait_for_log("]: Reloaded: generation 3 ", timeout=TIMEOUT)
+        # A reload asked for before that one ended would start at once;
+        # none must, and no event shows an absence: wait one reload's time.
+        time.sleep(RELOAD_SECONDS + 0.5)
+        log = proxy.log()
+        assert log.count("]: Reloaded: ") == 2 and "Reload failed" not in log
+        assert notes() == ["start", "end"] * 3      # never two at once
+        assert login_line(proxy.port, "alice", "alicepw") == \
+            b"a OK folded\r\n"
 
 
 @pytest.mark.parametrize("configuration", ["good", "broken"])
@@ -511,3 +741,120 @@ def test_second_signal_ends_at_once(here, dovecot):
         assert wait_for_eof(idle) == b""
     assert "Stopped: 1 sessions were open, 0 finished in the grace period, " \
         "1 ended\n" in proxy.log()
+
+
+# ---------------------------------------------------------------------------
+# -i: one session, under the same signals
+# ---------------------------------------------------------------------------
+
+GREETINGS = {"IMAP4": b"* OK IMAP4 Ready", "POP3": b"+OK POP3 Ready"}
+
+
+def inetd(here, dovecot, protocol, *args):
+    """perdition -i on one end of a socketpair, as a supervisor (socat,
+    stunnel, systemd's Accept=yes) starts it: (process, our end, a reader
+    of it, the log), once the greeting has been read -- by then perdition
+    watches its signals."""
+    ours, theirs = socket.socketpair()
+    port = dovecot.imap_port if protocol == "IMAP4" else dovecot.pop3_port
+    log = here / "inetd.log"
+    with theirs, open(here / "inetd.err", "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, PERDITION, "-P", protocol, "-i", "-F", str(log),
+             "-s", f"127.0.0.1:{port}", "-M", "", "--auth_failure_delay",
+             "0", *args], stdin=theirs, stdout=theirs, stderr=err,
+            env=perdition_env(str(here)))
+    ours.settimeout(TIMEOUT)
+    reader = ours.makefile("rb")
+    try:
+        assert reader.readline().startswith(GREETINGS[protocol])
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        ours.close()
+        raise
+    return proc, ours, reader, log
+
+
+@pytest.mark.parametrize("protocol, farewell", [
+    ("IMAP4", b"* BYE Server shutting down\r\n"),
+    ("POP3", b"-ERR Server shutting down\r\n")], ids=["IMAP4", "POP3"])
+def test_inetd_session_stops_gracefully_on_sigterm(here, dovecot, protocol,
+                                                   farewell):
+    """perdition -i watches SIGTERM as the server does: a client still
+    before its login gets the farewell once --shutdown_timeout is over,
+    the session its Close line, and the exit status is 0.  (SIGTERM used
+    to kill it mid-session: no word to the client, no Close line.)"""
+    proc, client, reader, log = inetd(here, dovecot, protocol,
+                                      "--shutdown_timeout", "1")
+    try:
+        with client:
+            started = time.monotonic()
+            os.kill(proc.pid, signal.SIGTERM)
+            assert reader.read() == farewell    # and then the end
+            assert time.monotonic() - started >= 1      # the grace
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert f"]: Connect: unknown[inetd_pid={proc.pid}]\n" in text
+    assert ']: Close: unknown user="" received=' in text
+    assert "]: Exiting on signal SIGTERM: 1 sessions open, 1 s to finish\n" \
+        in text
+    assert "]: Stopped: 1 sessions were open, 0 finished in the grace " \
+        "period, 1 ended\n" in text
+    assert (here / "inetd.err").read_bytes() == b""
+
+
+def test_inetd_session_finishes_in_the_grace_period(here, dovecot):
+    """SIGTERM during a logged-in -i session: the client goes on working
+    in the grace period, and perdition exits (status 0) as soon as the
+    session ends, long before --shutdown_timeout."""
+    proc, client, reader, log = inetd(here, dovecot, "IMAP4",
+                                      "--shutdown_timeout", "600")
+    try:
+        with client:
+            client.sendall(b"a LOGIN alice alicepw\r\n")
+            assert reader.readline() == b"a OK You are so in\r\n"
+            os.kill(proc.pid, signal.SIGTERM)
+            wait_until(lambda: "]: Exiting on signal SIGTERM: " in
+                       log.read_text() or proc.poll() is not None,
+                       what="the stop begun")
+            assert proc.poll() is None, "ended at once"
+            client.sendall(b"b NOOP\r\n")
+            assert reader.readline().startswith(b"b OK")
+            client.sendall(b"c LOGOUT\r\n")
+            assert b"\r\nc OK" in reader.read()
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert 'Close: unknown user="alice" received=' in text
+    assert "]: Stopped: 1 sessions were open, 1 finished in the grace " \
+        "period, 0 ended\n" in text
+
+
+def test_sighup_changes_nothing_under_inetd(here, dovecot):
+    """SIGHUP to perdition -i, with one session to serve and no
+    configuration to keep: the session carries on, and the login after
+    it works.  (SIGHUP used to kill it.)"""
+    proc, client, reader, log = inetd(here, dovecot, "IMAP4")
+    try:
+        with client:
+            os.kill(proc.pid, signal.SIGHUP)
+            client.sendall(b"a LOGIN alice alicepw\r\n")
+            assert reader.readline() == b"a OK You are so in\r\n"
+            client.sendall(b"b LOGOUT\r\n")
+            assert b"\r\nb OK" in reader.read()
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert 'Close: unknown user="alice" received=' in text
+    assert "Reload" not in text

@@ -562,6 +562,12 @@ IMAP_CREDENTIAL_LINES = [
     b"LOGIN alice s3cret-tagless\r\n",
     b"a LOGIN alice s3cret-extra words\r\n",
     b"a LOGIN alice {13+}\r\ns3cret-literal\r\n",
+    # the verb glued to what follows it: still the verb to a reader
+    b'a LOGIN"alice" "s3cret-gluedquote"\r\n',
+    b"a LOGIN\x00 alice s3cret-nul\r\n",
+    b"a LOGINalice s3cret-gluedatom\r\n",
+    b"a login\x00alice\x00s3cret-twonuls\r\n",
+    b"a AUTHENTICATE\x00PLAIN s3cret-authenticate\r\n",
 ]
 POP3_CREDENTIAL_LINES = [
     b"PASS s3cret-first\r\n",       # before USER: refused, still masked
@@ -572,6 +578,11 @@ POP3_CREDENTIAL_LINES = [
     b" PASS s3cret-leading\r\n",
     b"PASS\ts3cret-tab\r\n",
     b"PASS s3cret-extra words\r\n",
+    # the verb glued to what follows it
+    b"PASS\x00s3cret-nul\r\n",
+    b"PASSs3cret-glued\r\n",
+    b"pass\x00 s3cret-spacednul\r\n",
+    b"AUTH\x00PLAIN s3cret-auth\r\n",
 ]
 
 
@@ -587,6 +598,7 @@ def test_every_form_of_imap_login_is_masked(talkative):
     assert "client: a LOGIN XXXXXX" in text
     assert "client: a LoGiN XXXXXX" in text
     assert "client: LOGIN XXXXXX" in text
+    assert "client: a AUTHENTICATE XXXXXX" in text      # glued to PLAIN
     # the real server's side: perdition's LOGIN, quoted
     assert re.search(r"to server: P\d+ LOGIN XXXXXX", text)
 
@@ -605,5 +617,6 @@ def test_every_form_of_pop3_pass_is_masked(talkative):
                        secrets_of(POP3_CREDENTIAL_LINES) + ["alicepw"],
                        final=b"PASS alicepw\r\n")
     assert "client: PASS XXXXXX" in text and "client: PaSs XXXXXX" in text
+    assert "client: AUTH XXXXXX" in text        # glued to PLAIN
     assert "to server: PASS XXXXXX" in text
     assert "client: USER alice" in text     # the user name is no secret

@@ -12,6 +12,7 @@ import os
 import pwd
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -680,6 +681,70 @@ def test_a_client_leaving_during_the_login_is_not_waited_for(
                            count=clients)
         if not credentials_sent:
             assert backend.received() == b""
+
+
+def mute_after_starttls(context):
+    """A real server that offers STARTTLS, takes it, and then says nothing
+    inside TLS: perdition's CAPABILITY there goes unanswered."""
+    def script(peer):
+        peer.send(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] scripted IMAP "
+                  b"ready\r\n")
+        tag, verb = peer.readline().split()
+        assert verb == b"STARTTLS", verb
+        peer.send(tag + b" OK Begin TLS negotiation now\r\n")
+        peer.start_tls(context)
+        peer.readline()                 # in TLS: CAPABILITY
+        peer.result = "waiting"
+        peer.read_to_end()
+    return script
+
+
+def stalled_handshake(context):
+    """A real server that answers STARTTLS with OK and never goes on with
+    the handshake: perdition's ClientHello goes unanswered."""
+    def script(peer):
+        peer.send(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] scripted IMAP "
+                  b"ready\r\n")
+        tag, verb = peer.readline().split()
+        assert verb == b"STARTTLS", verb
+        peer.send(tag + b" OK Begin TLS negotiation now\r\n")
+        peer.read_exact(1)              # the ClientHello has begun
+        peer.result = "waiting"
+        peer.read_to_end()
+    return script
+
+
+@pytest.mark.parametrize("script", [mute_after_starttls, stalled_handshake])
+def test_a_client_leaving_during_tls_towards_the_server_is_not_waited_for(
+        perdition_factory, dovecot, script):
+    """--ssl_mode tls_outgoing: a client that leaves while perdition waits
+    for its real server inside TLS, or in a handshake the server stalls,
+    is noticed there too, as in plaintext: the login is abandoned without
+    a LOGIN, and no thread or descriptor is kept -- long before
+    --connect_timeout or --authentication_timeout would end the wait.
+    Each client leaves only once its server is in that state."""
+    clients = 20
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(dovecot.cert_file, dovecot.key_file)
+    with ScriptedBackend(script(context)) as backend:
+        proxy = perdition_factory(["--ssl_mode", "tls_outgoing",
+                                   "--ssl_ca_file", dovecot.cert_file,
+                                   "--connect_timeout", "600"], "IMAP4",
+                                  backend.port)
+        before = settled_usage(proxy)
+        for n in range(clients):
+            with RawClient(proxy.port) as client:
+                client.readline()
+                client.send(b"a LOGIN alice alicepw\r\n")
+                wait_until(lambda: len(backend.peers) > n and
+                           backend.peers[n].result == "waiting",
+                           what="server %d waited for in TLS" % n)
+        backend.join(clients)
+        wait_for_usage(proxy, before)
+        proxy.wait_for_log("status=failed: client left during the login",
+                           count=clients)
+        received = backend.received().upper()
+        assert b"LOGIN" not in received and b"AUTHENTICATE" not in received
 
 
 # ---------------------------------------------------------------------------
