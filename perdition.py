@@ -3334,7 +3334,10 @@ class Session:
         except TimeoutError:
             self.say_farewell("Idle timeout")
         except (OSError, ssl.SSLError) as e:
-            log.info("%s: connection error: %s" % (self.client_name, e))
+            # An interrupted session cut off in a send (cut_off) is logged
+            # for what interrupted it.
+            log.info("%s: %s" % (self.client_name, self.interrupted or
+                                 "connection error: %s" % e))
         finally:
             if self.login_clock is not None:
                 self.perdition.deadlines.cancel(self.login_clock)

@@ -5,6 +5,7 @@ the next one of -s or of a map's answer; it is then held back for
 try another server.  The servers that answer are a real Dovecot.
 """
 
+import socket
 import time
 
 import pytest
@@ -72,6 +73,86 @@ def test_a_silent_server_is_unreachable_after_connect_timeout(
         mute.join(1)
     assert "Server 127.0.0.1 port %d failed: Server error: timed out; " \
         "trying the next" % mute.port in proxy.log()
+
+
+class Unaccepting:
+    """A listening socket whose backlog is full: a further connect is
+    never answered (the kernel drops its SYN) and so times out, as a
+    connect to a host that has gone does."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+        self.port = self.listener.getsockname()[1]
+        self.fillers = []
+
+    def __enter__(self):
+        try:
+            for _ in range(4):
+                filler = socket.socket()
+                self.fillers.append(filler)
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", self.port))
+            with socket.socket() as probe:
+                probe.settimeout(0.5)
+                try:
+                    probe.connect(("127.0.0.1", self.port))
+                except socket.timeout:
+                    return self
+            raise AssertionError("a connect beyond a full backlog was "
+                                 "accepted: no unreachable server here")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        for sock in self.fillers + [self.listener]:
+            sock.close()
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def test_a_connect_never_accepted_times_out_to_the_next_server(
+        dovecot, perdition_factory):
+    """A server whose host has gone answers no SYN, and the kernel would
+    retry for minutes: --connect_timeout gives up on it."""
+    with Unaccepting() as blackhole:
+        proxy = perdition_factory([
+            "--connect_timeout", "1", "-M", "", "-s",
+            "%s,%s" % (at(blackhole.port), at(dovecot.imap_port))], "IMAP4")
+        asked = time.monotonic()
+        assert logs_in(proxy) == b"a OK You are so in\r\n"
+        assert 1 - 0.1 <= time.monotonic() - asked < 3
+    assert "Server 127.0.0.1 port %d failed: Could not connect to " \
+        "127.0.0.1:%d: timed out; trying the next" \
+        % (blackhole.port, blackhole.port) in proxy.log()
+
+
+def trickling(peer):
+    """A real server that greets one byte every 0.3 s (7.8 s in all),
+    each byte well within --connect_timeout of the one before."""
+    for byte in b"* OK scripted IMAP ready\r\n":
+        peer.send(bytes([byte]))
+        time.sleep(0.3)
+    peer.read_to_end()
+
+
+def test_a_trickled_greeting_is_unreachable_after_connect_timeout(
+        dovecot, perdition_factory):
+    """--connect_timeout bounds the greeting as a whole, not each read: a
+    server that drips it out cannot hold the login for long."""
+    with ScriptedBackend(trickling) as slow:
+        proxy = perdition_factory([
+            "--connect_timeout", "1", "-M", "", "-s",
+            "%s,%s" % (at(slow.port), at(dovecot.imap_port))], "IMAP4")
+        asked = time.monotonic()
+        assert logs_in(proxy) == b"a OK You are so in\r\n"
+        assert 1 - 0.1 <= time.monotonic() - asked < 3
+        slow.join(1)
+    log = proxy.wait_for_log("status=ok")
+    assert "Server 127.0.0.1 port %d failed: Server error: timed out; " \
+        "trying the next" % slow.port in log
+    assert 'port="%d" status=ok' % dovecot.imap_port in log
 
 
 def test_a_failed_tls_handshake_is_followed_by_the_next_server(
@@ -145,4 +226,5 @@ def test_a_held_server_is_tried_again_after_the_hold_time(
         return failures(proxy, dead) == 2
 
     wait_until(tried_again, timeout=5, what="the dead server tried again")
-    assert time.monotonic() - held >= 1
+    # The hold began a little before the first answer reached this clock.
+    assert time.monotonic() - held >= 1 - 0.1
