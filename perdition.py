@@ -1596,7 +1596,7 @@ class Connection:
     the wire in the order OpenSSL made them.
     """
 
-    __slots__ = ("sock", "buffer", "tls", "watched", "deadline",
+    __slots__ = ("sock", "buffer", "tls", "watched", "deadline", "_poller",
                  "_incoming", "_outgoing", "_tls_lock", "_send_lock",
                  "_shut")
 
@@ -1610,6 +1610,7 @@ class Connection:
         # ... and ends by this time.monotonic(), if set (--connect_timeout
         # until the greeting and TLS are done, however slowly they trickle).
         self.deadline = deadline
+        self._poller = None         # made at the first wait, for all
         self._shut = None           # how it was shut down, if it was
 
     def fileno(self):
@@ -1657,13 +1658,16 @@ class Connection:
         watched client, which has gone once it has shut its side
         (POLLRDHUP, which its pipelined input does not trigger): then no
         one waits for this server's answer any more, ClientGone."""
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN)
         gone = self.watched.sock.fileno()
-        poller.register(gone, select.POLLRDHUP)
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+            poller.register(gone, select.POLLRDHUP)
         events = poller.poll(timeout)
-        if any(fd == gone for fd, _ in events):
-            raise ClientGone
+        for fd, _ in events:
+            if fd == gone:
+                raise ClientGone
         return events
 
     def _wait(self):
@@ -3117,18 +3121,14 @@ class Forwarded(collections.namedtuple("Forwarded", (
 
 
 class Deadline:
-    """One entry of Deadlines: `function(*args)` at `when`, unless
+    """One entry of Deadlines: `function(*args)` at its time, unless
     cancelled; `ran` once it has been called."""
 
-    __slots__ = ("when", "serial", "function", "args", "ran")
+    __slots__ = ("function", "args", "ran")
 
-    def __init__(self, when, serial, function, args):
-        self.when, self.serial = when, serial
+    def __init__(self, function, args):
         self.function, self.args = function, args
         self.ran = False
-
-    def __lt__(self, other):
-        return (self.when, self.serial) < (other.when, other.serial)
 
 
 class Deadlines:
@@ -3143,22 +3143,23 @@ class Deadlines:
     def __init__(self):
         self._heap = []
         self._serial = itertools.count()
-        # add() and cancel() take the bare lock (a Condition's own with
+        # add() and cancel() take the lock itself (a Condition's own with
         # costs two Python calls per login); the runner waits on it.
         self._lock = threading.RLock()
         self._wakeup = threading.Condition(self._lock)
         self._thread = None
 
     def add(self, seconds, function, *args):
-        entry = Deadline(time.monotonic() + seconds, next(self._serial),
-                         function, args)
+        entry = Deadline(function, args)
         with self._lock:
-            heapq.heappush(self._heap, entry)
+            # (when, serial, entry): compared in C, the serial breaks ties.
+            heapq.heappush(self._heap, (time.monotonic() + seconds,
+                                        next(self._serial), entry))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run,
                                                 name="deadlines", daemon=True)
                 self._thread.start()
-            elif self._heap[0] is entry:
+            elif self._heap[0][2] is entry:
                 self._wakeup.notify()
         return entry
 
@@ -3174,11 +3175,11 @@ class Deadlines:
                 if not self._heap:
                     self._wakeup.wait()
                     continue
-                delay = self._heap[0].when - time.monotonic()
+                delay = self._heap[0][0] - time.monotonic()
                 if delay > 0:
                     self._wakeup.wait(delay)
                     continue
-                entry = heapq.heappop(self._heap)
+                entry = heapq.heappop(self._heap)[2]
                 if entry.function is not None:
                     entry.ran = True
                     try:
