@@ -1635,8 +1635,7 @@ class Connection:
                 break
             except ssl.SSLWantReadError:
                 self._send_raw(self._outgoing.read())
-                self._wait()
-                data = self.sock.recv(BUFFER_SIZE)
+                data = self._receive(BUFFER_SIZE)
                 if not data:
                     raise ssl.SSLEOFError("EOF during TLS handshake")
                 self._incoming.write(data)
@@ -1670,16 +1669,25 @@ class Connection:
                 raise ClientGone
         return events
 
-    def _wait(self):
-        """Wait for input as the blocking recv() that follows would, up to
-        the socket's timeout or the deadline, while a client is watched."""
-        if self.watched is not None:
+    def _receive(self, size):
+        """One read from the socket.  A watched connection waits for input
+        or the client's departure, up to the socket's timeout or the
+        deadline, then reads what the wait found with os.read on its
+        descriptor: the socket's own timeout would poll once more, and
+        each such call lets the other threads take the interpreter."""
+        if self.watched is None:
+            return self.sock.recv(size)
+        while True:
             timeout = self.sock.gettimeout()
             if self.deadline is not None:
                 left = max(0.0, self.deadline - time.monotonic())
                 timeout = left if timeout is None else min(timeout, left)
             if not self._watch(None if timeout is None else timeout * 1000):
                 raise TimeoutError("timed out")
+            try:
+                return os.read(self.sock.fileno(), size)
+            except BlockingIOError:     # woken for nothing
+                pass
 
     def check_watched(self):
         """ClientGone now if the watched client has left."""
@@ -1689,8 +1697,7 @@ class Connection:
     def _recv(self, size):
         """Read from the socket (through TLS if on); b'' at EOF."""
         if self.tls is None:
-            self._wait()
-            return self.sock.recv(size)
+            return self._receive(size)
         while True:
             with self._tls_lock:
                 data = self._read_records(size)
@@ -1700,10 +1707,10 @@ class Connection:
             if data is not None:
                 return data
             # Wait without holding a buffer: idle sessions are many.
-            self._wait()
-            if not self.sock.recv(1, socket.MSG_PEEK):
+            if self.watched is None and \
+                    not self.sock.recv(1, socket.MSG_PEEK):
                 return b""
-            raw = self.sock.recv(BUFFER_SIZE)
+            raw = self._receive(BUFFER_SIZE)
             if not raw:
                 return b""
             with self._tls_lock:
