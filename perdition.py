@@ -1596,17 +1596,20 @@ class Connection:
     the wire in the order OpenSSL made them.
     """
 
-    __slots__ = ("sock", "buffer", "tls", "watched", "deadline", "_poller",
-                 "_incoming", "_outgoing", "_tls_lock", "_send_lock",
-                 "_shut")
+    __slots__ = ("sock", "buffer", "tls", "watched", "wait", "deadline",
+                 "_poller", "_incoming", "_outgoing", "_tls_lock",
+                 "_send_lock", "_shut")
 
-    def __init__(self, sock, watched=None, deadline=None):
+    def __init__(self, sock, watched=None, wait=None, deadline=None):
         self.sock = sock
         self.buffer = bytearray()   # read but not yet consumed
         self.tls = None
         # The client, while this real server's login is under way: every
-        # wait for the server also watches for the client's departure ...
+        # wait for the server also watches for the client's departure, and
+        # lasts at most `wait` seconds (None: no limit; the socket's own
+        # timeout is for sends) ...
         self.watched = watched
+        self.wait = wait
         # ... and ends by this time.monotonic(), if set (--connect_timeout
         # until the greeting and TLS are done, however slowly they trickle).
         self.deadline = deadline
@@ -1678,7 +1681,7 @@ class Connection:
         if self.watched is None:
             return self.sock.recv(size)
         while True:
-            timeout = self.sock.gettimeout()
+            timeout = self.wait
             if self.deadline is not None:
                 left = max(0.0, self.deadline - time.monotonic())
                 timeout = left if timeout is None else min(timeout, left)
@@ -3590,8 +3593,7 @@ class Session:
             raise ServerUnreachable(str(e), e.client_text) from None
         except SERVER_ERRORS as e:
             raise ServerUnreachable(server_error(e)) from None
-        server.settimeout(self.config.authentication_timeout)
-        server.deadline = None
+        server.deadline = None      # --authentication_timeout from now on
         if self.config.forward_client_address:
             capabilities = protocol.server_forward(server, capabilities,
                                                    self.forwarded())
@@ -3696,7 +3698,9 @@ class Session:
         else:
             raise ServerUnreachable("Could not connect to %s:%s: %s"
                                     % (backend.host, backend.port, error))
-        return Connection(sock, watched=self.client, deadline=deadline)
+        return Connection(sock, watched=self.client,
+                          wait=self.config.authentication_timeout or None,
+                          deadline=deadline)
 
     def tls_outgoing(self):
         return "tls_outgoing" in self.config.ssl_mode
