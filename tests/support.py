@@ -8,6 +8,7 @@ arrived inside TLS, so a test can prove what did and did not reach the
 real server.  Every wait here is bounded in time.
 """
 
+import contextlib
 import itertools
 import os
 import random
@@ -24,7 +25,7 @@ from helpers import TIMEOUT
 __all__ = ["SPECIAL_USERS", "special_dovecot", "big_message", "wait_for_eof",
            "log_in_and_out",
            "receive_at_least", "curl", "closes", "wait_for_closes",
-           "traversable", "usage",
+           "traversable", "usage", "reaped",
            "settled_usage", "wait_for_usage", "ServiceManager", "Peer",
            "ScriptedBackend"]
 
@@ -164,6 +165,18 @@ def traversable(path):
     while path != "/":
         os.chmod(path, os.stat(path).st_mode | 0o011)
         path = os.path.dirname(path)
+
+
+@contextlib.contextmanager
+def reaped(proc):
+    """A process the block expects to end by itself: killed and reaped if
+    it is still running when the block leaves (a failed assertion)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def usage(pid):

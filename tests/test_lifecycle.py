@@ -25,7 +25,7 @@ import pytest
 from dovecot import Dovecot, free_port
 from helpers import (PERDITION, Perdition, RawClient, TIMEOUT, imap_connect,
                      perdition_env, pop3_connect, wait_until)
-from support import (big_message, settled_usage, traversable,
+from support import (big_message, reaped, settled_usage, traversable,
                      wait_for_eof, wait_for_usage)
 
 LOADED_SESSIONS = 120       # logged in, fetching mail across the reload
@@ -787,17 +787,13 @@ def test_inetd_session_stops_gracefully_on_sigterm(here, dovecot, protocol,
     to kill it mid-session: no word to the client, no Close line.)"""
     proc, client, reader, log = inetd(here, dovecot, protocol,
                                       "--shutdown_timeout", "1")
-    try:
+    with reaped(proc):
         with client:
             started = time.monotonic()
             os.kill(proc.pid, signal.SIGTERM)
             assert reader.read() == farewell    # and then the end
             assert time.monotonic() - started >= 1      # the grace
         assert proc.wait(TIMEOUT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     text = log.read_text()
     assert f"]: Connect: unknown[inetd_pid={proc.pid}]\n" in text
     assert ']: Close: unknown user="" received=' in text
@@ -814,7 +810,7 @@ def test_inetd_session_finishes_in_the_grace_period(here, dovecot):
     session ends, long before --shutdown_timeout."""
     proc, client, reader, log = inetd(here, dovecot, "IMAP4",
                                       "--shutdown_timeout", "600")
-    try:
+    with reaped(proc):
         with client:
             client.sendall(b"a LOGIN alice alicepw\r\n")
             assert reader.readline() == b"a OK You are so in\r\n"
@@ -828,10 +824,6 @@ def test_inetd_session_finishes_in_the_grace_period(here, dovecot):
             client.sendall(b"c LOGOUT\r\n")
             assert b"\r\nc OK" in reader.read()
         assert proc.wait(TIMEOUT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     text = log.read_text()
     assert 'Close: unknown user="alice" received=' in text
     assert "]: Stopped: 1 sessions were open, 1 finished in the grace " \
@@ -843,7 +835,7 @@ def test_sighup_changes_nothing_under_inetd(here, dovecot):
     configuration to keep: the session carries on, and the login after
     it works.  (SIGHUP used to kill it.)"""
     proc, client, reader, log = inetd(here, dovecot, "IMAP4")
-    try:
+    with reaped(proc):
         with client:
             os.kill(proc.pid, signal.SIGHUP)
             client.sendall(b"a LOGIN alice alicepw\r\n")
@@ -851,10 +843,6 @@ def test_sighup_changes_nothing_under_inetd(here, dovecot):
             client.sendall(b"b LOGOUT\r\n")
             assert b"\r\nb OK" in reader.read()
         assert proc.wait(TIMEOUT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     text = log.read_text()
     assert 'Close: unknown user="alice" received=' in text
     assert "Reload" not in text

@@ -24,7 +24,7 @@ import pytest
 from dovecot import free_port
 from helpers import (PERDITION, Perdition, RawClient, TIMEOUT, imap_connect,
                      perdition_env, run_perdition, wait_until)
-from support import (ScriptedBackend, settled_usage, traversable,
+from support import (ScriptedBackend, reaped, settled_usage, traversable,
                      wait_for_usage)
 
 sys.path.insert(0, os.path.dirname(PERDITION))
@@ -421,17 +421,13 @@ def test_inetd_mode(tmp_path, dovecot):
              "-s", "127.0.0.1:%d" % dovecot.imap_port, "-M", ""],
             stdin=connection, stdout=connection, stderr=err,
             env=perdition_env(str(tmp_path)))
-    try:
+    with reaped(proc):
         with client:
             assert client.readline().startswith(b"* OK IMAP4 Ready ")
             if os.geteuid() == 0:
                 assert_runs_as(proc.pid, *nobody_ids())
             imap_session(client)
         assert proc.wait(TIMEOUT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     text = log.read_text()
     assert "Connect: 127.0.0.1[inetd_pid=%d]\n" % proc.pid in text
     assert 'Auth: 127.0.0.1 user="alice" passwd="XXXXXX" server="127.0.0.1"' \
@@ -465,7 +461,7 @@ def test_inetd_mode_on_a_unix_socket(tmp_path, dovecot, remote):
              "-M", "posix_regex", "-m", str(popmap),
              "--query_key", "\\i:\\p:\\U"],
             stdin=there, stdout=there, stderr=err, env=env)
-    try:
+    with reaped(proc):
         with here:
             here.settimeout(TIMEOUT)
             reader = here.makefile("rb")
@@ -475,10 +471,6 @@ def test_inetd_mode_on_a_unix_socket(tmp_path, dovecot, remote):
             here.sendall(b"b LOGOUT\r\n")
             assert b"b OK" in reader.read()
         assert proc.wait(TIMEOUT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     text = log.read_text()
     client = remote.get("TCPREMOTEIP", "unknown")
     assert "Connect: %s[inetd_pid=%d]\n" % (client, proc.pid) in text
