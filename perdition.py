@@ -3147,11 +3147,15 @@ class Deadlines:
 
     A function runs holding the lock, as cancel() does, so the two never
     cross: cancel() tells whether the function has run.  A cancelled entry
-    drops its function at once, and with it the session it names.  The
-    lock is re-entrant, so that a function may add a deadline."""
+    drops its function at once, and with it the session it names; the
+    heap itself is rebuilt without the cancelled entries once they are
+    most of it, so that a login clock cancelled after a fast login does
+    not stay for the --login_timeout it was set for.  The lock is
+    re-entrant, so that a function may add a deadline."""
 
     def __init__(self):
         self._heap = []
+        self._cancelled = 0     # entries in the heap whose function is gone
         self._serial = itertools.count()
         # add() and cancel() take the lock itself (a Condition's own with
         # costs two Python calls per login); the runner waits on it.
@@ -3176,8 +3180,21 @@ class Deadlines:
     def cancel(self, entry):
         """Drop the entry; False when its function has run already."""
         with self._lock:
-            entry.function = entry.args = None
-            return not entry.ran
+            if entry.ran:
+                return False
+            if entry.function is not None:
+                entry.function = entry.args = None
+                self._cancelled += 1
+                if self._cancelled > max(len(self._heap) // 2, 1024):
+                    self._heap = [item for item in self._heap
+                                  if item[2].function is not None]
+                    heapq.heapify(self._heap)
+                    self._cancelled = 0
+            return True
+
+    def __len__(self):
+        """Entries in the heap, cancelled ones not yet dropped included."""
+        return len(self._heap)
 
     def _run(self):
         with self._lock:
@@ -3190,7 +3207,9 @@ class Deadlines:
                     self._wakeup.wait(delay)
                     continue
                 entry = heapq.heappop(self._heap)[2]
-                if entry.function is not None:
+                if entry.function is None:
+                    self._cancelled -= 1
+                else:
                     entry.ran = True
                     try:
                         entry.function(*entry.args)

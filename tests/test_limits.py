@@ -249,6 +249,23 @@ def test_the_failure_table_is_bounded_and_forgets_the_oldest_first(
 # --login_timeout
 # ---------------------------------------------------------------------------
 
+def test_cancelled_login_clocks_do_not_pile_up():
+    """Every login cancels its clock.  The heap of deadlines is rebuilt
+    once cancelled entries are most of it, so a busy server does not keep
+    one for each login of the last --login_timeout seconds; a deadline
+    still due runs on time."""
+    deadlines = perdition.Deadlines()
+    due = threading.Event()
+    deadlines.add(0.5, due.set)
+    for _ in range(20000):
+        assert deadlines.cancel(deadlines.add(180, due.set))
+    assert len(deadlines) <= 2 * 1024 + 2
+    assert due.wait(TIMEOUT) and len(deadlines) <= 2 * 1024 + 1
+    clock = deadlines.add(0, due.clear)
+    wait_until(lambda: not due.is_set(), what="a deadline run")
+    assert not deadlines.cancel(clock)      # it has run
+
+
 def trickle(port, farewells, source=None):
     """A client that sends a LOGIN one byte at a time, a byte every 0.2 s,
     never finishing; it appends what perdition said last before closing,
