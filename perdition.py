@@ -2076,6 +2076,7 @@ class Protocol:
     separator_name = "a space"  # for the help text
     capability_alias = ""       # another name of -I, e.g. imap_capability
     start_tls_command = ""
+    server_ok = ""              # how a real server's yes starts (XCLIENT)
     commands = {}
     credential_verbs = ()       # made by register() from `commands`
     verb_word = 0               # which word of a command line is the verb
@@ -4092,18 +4093,17 @@ def open_popmap(config, reloading=False):
     try:
         popmap = perdition_maps.open_map(config.map_library,
                                          config.map_library_opt)
+        try:
+            popmap.check()
+        except perdition_maps.MapError as e:
+            if reloading:
+                popmap.close()
+                raise
+            log.err("Map %s cannot be read now, lookups fail until it can: "
+                    "%s" % (config.map_library, e))
     except perdition_maps.MapError as e:
         raise OptionError("option -M, --map_library %s: %s"
                           % (config.map_library, e)) from None
-    try:
-        popmap.check()
-    except perdition_maps.MapError as e:
-        if reloading:
-            popmap.close()
-            raise OptionError("option -M, --map_library %s: %s"
-                              % (config.map_library, e)) from None
-        log.err("Map %s cannot be read now, lookups fail until it can: %s"
-                % (config.map_library, e))
     return popmap
 
 

@@ -194,6 +194,9 @@ class Map:
 
 # Names a dbm backend may give its files, beside the one it was given.
 _DBM_SUFFIXES = ("", ".db", ".dat", ".dir", ".pag")
+# What dbm.open and a read may raise: OSError is among dbm.error, and a
+# corrupt dumb database can raise the other two.
+_DBM_ERRORS = (*dbm.error, ValueError, SyntaxError)
 _DBM_RETRIES = 20
 _DBM_RETRY_DELAY = 0.01
 
@@ -275,7 +278,7 @@ class GdbmMap(Map):
         try:
             with dbm.open(self.path, "r"):
                 pass
-        except (*dbm.error, OSError, ValueError, SyntaxError) as e:
+        except _DBM_ERRORS as e:
             raise MapError("%s: cannot open database: %s"
                            % (self.path, e)) from None
 
@@ -304,7 +307,7 @@ class GdbmMap(Map):
             try:
                 with dbm.open(self.path, "r") as db:
                     value = db.get(key.encode("utf-8", "surrogateescape"))
-            except (*dbm.error, ValueError, SyntaxError) as e:
+            except _DBM_ERRORS as e:
                 error = e
                 continue
             if self._signature() == before:

@@ -675,15 +675,20 @@ def test_a_client_leaving_during_the_login_is_not_waited_for(
             assert backend.received() == b""
 
 
+def take_starttls(peer):
+    """Greet offering STARTTLS, and say OK to perdition's STARTTLS."""
+    peer.send(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] scripted IMAP "
+              b"ready\r\n")
+    tag, verb = peer.readline().split()
+    assert verb == b"STARTTLS", verb
+    peer.send(tag + b" OK Begin TLS negotiation now\r\n")
+
+
 def mute_after_starttls(context):
     """A real server that offers STARTTLS, takes it, and then says nothing
     inside TLS: perdition's CAPABILITY there goes unanswered."""
     def script(peer):
-        peer.send(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] scripted IMAP "
-                  b"ready\r\n")
-        tag, verb = peer.readline().split()
-        assert verb == b"STARTTLS", verb
-        peer.send(tag + b" OK Begin TLS negotiation now\r\n")
+        take_starttls(peer)
         peer.start_tls(context)
         peer.readline()                 # in TLS: CAPABILITY
         peer.result = "waiting"
@@ -695,11 +700,7 @@ def stalled_handshake(context):
     """A real server that answers STARTTLS with OK and never goes on with
     the handshake: perdition's ClientHello goes unanswered."""
     def script(peer):
-        peer.send(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] scripted IMAP "
-                  b"ready\r\n")
-        tag, verb = peer.readline().split()
-        assert verb == b"STARTTLS", verb
-        peer.send(tag + b" OK Begin TLS negotiation now\r\n")
+        take_starttls(peer)
         peer.read_exact(1)              # the ClientHello has begun
         peer.result = "waiting"
         peer.read_to_end()
